@@ -1,0 +1,441 @@
+"""Metadata → validated table → leakage-free split → decoded-image cache → loaders and batch augmentation."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pytorch_metric_learning.samplers import MPerClassSampler
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from utils import UserError, atomic_path, write_csv, write_json
+
+ID_COLUMNS = ("isic_id", "image_name")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+SPLITS = ("train", "val", "test")
+
+# Known layouts: (metadata CSV, image folder), relative to --data-dir.
+LAYOUTS = [
+    ("train-metadata.csv", "train-image/image"),                                # Kaggle "ISIC 2020 JPG 256x256 RESIZED"
+    ("train.csv", "jpeg/train"),                                                # Kaggle competition download
+    ("ISIC_2020_Training_GroundTruth.csv", "ISIC_2020_Training_JPEG/train"),   # official ISIC download
+    ("ISIC_2020_Training_GroundTruth.csv", "train"),
+]
+
+
+# ---------------------------------------------------------------- metadata
+
+def find_layout(data_dir=None, csv=None, image_dir=None) -> tuple[Path, Path]:
+    """Resolve (metadata CSV, image folder) from --data-dir or from --csv and --image-dir."""
+    if csv or image_dir:
+        if not (csv and image_dir):
+            raise UserError("--csv and --image-dir go together: give both")
+        return Path(csv), Path(image_dir)
+    if not data_dir:
+        raise UserError("no data given: use --data-dir DIR, or --csv FILE --image-dir DIR, or --demo")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    for csv_name, images in LAYOUTS:
+        if (root / csv_name).is_file():
+            return root / csv_name, root / images
+    expected = ", ".join(sorted({c for c, _ in LAYOUTS}))
+    raise UserError(f"no metadata CSV in {root}: expected one of {expected} (or use --csv and --image-dir)")
+
+
+def _bad_rows(mask: pd.Series, limit: int = 5) -> str:
+    rows = [str(i + 2) for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header line, 1-based lines
+    more = f" and {int(mask.sum()) - limit} more" if mask.sum() > limit else ""
+    return ", ".join(rows) + more
+
+
+def load_metadata(csv_path) -> pd.DataFrame:
+    """Read and validate a metadata CSV into columns isic_id, patient_id (may be NaN), target (0/1)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise UserError(f"metadata CSV not found: {csv_path}")
+    try:
+        raw = pd.read_csv(csv_path, dtype={"patient_id": str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv_path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{csv_path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    id_col = next((c for c in ID_COLUMNS if c in raw.columns), None)
+    if id_col is None:
+        raise UserError(f"{csv_path} has no image id column (isic_id or image_name); columns: {list(raw.columns)}")
+    if "target" not in raw.columns:
+        raise UserError(f"{csv_path} has no 'target' column; columns: {list(raw.columns)}")
+    if raw.empty:
+        raise UserError(f"{csv_path} has a header but no rows")
+
+    ids = raw[id_col].astype(str).str.strip()
+    unsafe = raw[id_col].isna() | (ids == "") | ids.str.contains(r"[/\\]|^\.\.?$|\.\.|^[A-Za-z]:", regex=True)
+    if unsafe.any():
+        raise UserError(f"{csv_path}: image ids must be plain file names (no paths, no '..'); see line(s) "
+                        f"{_bad_rows(unsafe)}, e.g. {raw[id_col][unsafe].iloc[0]!r}")
+    dup = ids.duplicated(keep=False)
+    if dup.any():
+        raise UserError(f"{csv_path}: duplicate image ids on line(s) {_bad_rows(dup)}, e.g. {ids[dup].iloc[0]!r}")
+
+    target = pd.to_numeric(raw["target"], errors="coerce")
+    bad_target = target.isna() | ~target.isin([0, 1])
+    if bad_target.any():
+        example = raw["target"][bad_target].iloc[0]
+        raise UserError(f"{csv_path}: 'target' must be 0 or 1; bad value {example!r} on line(s) {_bad_rows(bad_target)}")
+    patients = raw["patient_id"].astype("string").str.strip() if "patient_id" in raw.columns else pd.NA
+    frame = pd.DataFrame({"isic_id": ids, "patient_id": patients, "target": target.astype(int)})
+    if frame["target"].nunique() < 2:
+        only = "malignant" if frame["target"].iloc[0] == 1 else "benign"
+        raise UserError(f"{csv_path}: every row is {only}; training needs both classes")
+    return frame
+
+
+def find_images(ids, image_dir) -> list[Path]:
+    """Map each id to <image_dir>/<id>.jpg|.jpeg|.png with one directory listing (fast for 33k files)."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise UserError(f"image folder not found: {image_dir}")
+    by_stem = {}
+    for entry in os.scandir(image_dir):
+        stem, ext = os.path.splitext(entry.name)
+        if ext in IMAGE_EXTENSIONS and entry.is_file():
+            by_stem.setdefault(stem, entry.name)
+    missing = [i for i in ids if i not in by_stem]
+    if missing:
+        raise UserError(f"{len(missing)} of {len(ids)} images missing from {image_dir}, e.g. "
+                        f"{', '.join(missing[:3])} (expected <id>.jpg, .jpeg or .png)")
+    return [image_dir / by_stem[i] for i in ids]
+
+
+def load_duplicates(path) -> list[tuple[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"duplicates CSV not found: {path}")
+    try:
+        pairs = pd.read_csv(path, dtype=str)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    if pairs.shape[1] < 2:
+        raise UserError(f"{path}: expected two columns of image ids (image_name_1, image_name_2)")
+    return list(pairs.iloc[:, :2].itertuples(index=False, name=None))
+
+
+# ---------------------------------------------------------------- split
+
+def leakage_groups(frame: pd.DataFrame, duplicate_pairs=()) -> np.ndarray:
+    """Group label per row: images of one patient, and images listed as duplicates, share a group."""
+    n = len(frame)
+    position = {image_id: i for i, image_id in enumerate(frame["isic_id"])}
+    rows, cols = [], []
+    patients = frame["patient_id"]
+    known = patients.notna().to_numpy()
+    if known.any():
+        codes = pd.factorize(patients[known])[0]
+        members = np.flatnonzero(known)
+        first_of_patient = members[np.unique(codes, return_index=True)[1]][codes]
+        rows += list(members)
+        cols += list(first_of_patient)
+    for a, b in duplicate_pairs:
+        if a in position and b in position:
+            rows.append(position[a])
+            cols.append(position[b])
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def split_frame(frame: pd.DataFrame, split_by="patient", val_frac=0.15, test_frac=0.10, seed=42,
+                duplicate_pairs=()) -> pd.Series:
+    """Stratified train/val/test labels. With split_by='patient', no patient or duplicate pair spans two splits."""
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise UserError(f"--val-frac {val_frac} and --test-frac {test_frac} must be in (0, 1) and sum below 1")
+    y = frame["target"].to_numpy()
+    index = np.arange(len(frame))
+    val_of_rest = val_frac / (1 - test_frac)
+    if split_by == "image":
+        need = math.ceil(1 / min(test_frac, val_frac))
+        _require_positives(y, need, "images")
+        rest, test = train_test_split(index, test_size=test_frac, stratify=y, random_state=seed)
+        train, val = train_test_split(rest, test_size=val_of_rest, stratify=y[rest], random_state=seed)
+    else:
+        groups = leakage_groups(frame, duplicate_pairs)
+        test_folds, val_folds = round(1 / test_frac), round(1 / val_of_rest)
+        _require_positives(y, max(test_folds, val_folds), "patients", groups)
+        rest, test = _one_group_fold(index, y, groups, test_folds, seed)
+        train, val = _one_group_fold(rest, y[rest], groups[rest], val_folds, seed)
+    split = np.empty(len(frame), dtype=object)
+    split[train], split[val], split[test] = "train", "val", "test"
+    split = pd.Series(split, index=frame.index, name="split")
+    for name in SPLITS:
+        if frame["target"][split == name].nunique() < 2:
+            raise UserError(f"the {name} split got only one class; add malignant images or change the fractions")
+    return split
+
+
+def _one_group_fold(index, y, groups, n_folds, seed):
+    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    keep, held_out = next(folds.split(index, y, groups))
+    return index[keep], index[held_out]
+
+
+def _require_positives(y, need: int, unit: str, groups=None) -> None:
+    have = int(y.sum()) if groups is None else len(np.unique(groups[y == 1]))
+    if have < need:
+        raise UserError(f"only {have} malignant {unit}: a stratified train/val/test split with these fractions "
+                        f"needs at least {need}")
+
+
+def write_splits(frame: pd.DataFrame, path) -> None:
+    write_csv(path, frame[["isic_id", "patient_id", "target", "split"]])
+
+
+def read_splits(path) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"split file not found: {path}")
+    splits = pd.read_csv(path, dtype={"isic_id": str, "patient_id": "string"})
+    if not {"isic_id", "target", "split"} <= set(splits.columns):
+        raise UserError(f"{path} is not a splits.csv written by this pipeline")
+    return splits
+
+
+# ---------------------------------------------------------------- images
+
+def decode(path, size: int) -> torch.Tensor:
+    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → uint8 RGB (3, size, size): shorter side resized, centre-cropped."""
+    try:
+        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):  # formats libjpeg/libpng reject; PIL knows more of them
+        with Image.open(path) as pil:
+            pil.load()
+            image = TF.pil_to_tensor(pil.convert("RGB"))
+    image = TF.resize(image, size, antialias=True)
+    return TF.center_crop(image, [size, size])
+
+
+class _DecodeAll(Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, decode(self.paths[i], self.size), ""
+        except Exception as e:  # report, don't crash: the caller lists every bad file at once
+            return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}".splitlines()[0]
+
+
+def decode_all(paths, size: int, workers: int, out: np.ndarray | None = None, desc="decoding images"):
+    """Decode every image (in parallel workers) into `out`; returns {index: error} for files that failed."""
+    loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=workers,
+                        collate_fn=lambda batch: batch)
+    errors = {}
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        for i, image, error in batch:
+            if error:
+                errors[i] = error
+            elif out is not None:
+                out[i] = image.numpy()
+    return errors
+
+
+def cached_images(paths, size: int, cache_dir, workers: int):
+    """Memory-mapped uint8 array (N, 3, size, size) of all images, built once and reused across runs.
+
+    The cache key covers every file's name, size and modification time, and the image size: any change rebuilds it.
+    Returns (array, {index: error}) — unreadable images stay zero in the array and are listed in the errors.
+    """
+    key = hashlib.sha1(str(size).encode())
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{key.hexdigest()[:16]}"
+    array_path, index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+    if not index_path.is_file():  # written last: its presence means the array is complete
+        with atomic_path(array_path) as tmp:
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+            errors = decode_all(paths, size, workers, array, desc=f"caching {len(paths)} images at {size}px")
+            array.flush()
+            del array
+        write_json(index_path, {"n": len(paths), "size": size, "errors": {str(k): v for k, v in errors.items()}})
+    errors = {int(k): v for k, v in json.loads(index_path.read_text())["errors"].items()}
+    return np.load(array_path, mmap_mode="r"), errors
+
+
+class ImageDataset(Dataset):
+    """Rows of one split → (uint8 image (3, S, S), target). Images come from the cache or are decoded per item."""
+
+    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None):
+        self.rows, self.targets, self.paths, self.size, self.cache = rows, targets, paths, size, cache
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        if self.cache is not None:
+            image = torch.from_numpy(np.array(self.cache[row]))
+        else:
+            try:
+                image = decode(self.paths[row], self.size)
+            except Exception as e:
+                raise UserError(f"cannot read image {self.paths[row]}: {e}") from None
+        return image, torch.tensor(self.targets[i], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- the data a run uses
+
+@dataclass
+class Data:
+    frame: pd.DataFrame          # isic_id, patient_id, target, split, row (index into paths and cache)
+    paths: list
+    cache: np.ndarray | None
+    bad_images: dict             # isic_id -> error, for images skipped with --skip-bad-images
+
+    def dataset(self, split: str, size: int) -> ImageDataset:
+        part = self.frame[self.frame["split"] == split]
+        return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache)
+
+
+def load_images(frame: pd.DataFrame, image_dir, s):
+    """Locate every image, decode them into the cache (or just check them); refuse bad ones unless told to skip."""
+    paths = find_images(list(frame["isic_id"]), image_dir)
+    if s.no_cache:
+        cache, errors = None, decode_all(paths, s.img_size, s.workers, desc="checking images")
+    else:
+        cache, errors = cached_images(paths, s.img_size, s.cache_dir, s.workers)
+    if errors and not s.skip_bad_images:
+        i = min(errors)
+        raise UserError(f"{len(errors)} unreadable image(s), e.g. {paths[i]} ({errors[i]}); "
+                        f"fix or remove them, or pass --skip-bad-images")
+    bad = {frame["isic_id"].iloc[i]: error for i, error in sorted(errors.items())}
+    return paths, cache, bad
+
+
+def prepare_data(s, out_dir, splits_path=None) -> Data:
+    """Everything a run needs from disk. With `splits_path`, reuse that split instead of making a new one."""
+    csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
+    frame = load_metadata(csv_path)
+    frame["row"] = np.arange(len(frame))  # position in `paths` and in the image cache
+    paths, cache, bad = load_images(frame, image_dir, s)
+    if splits_path is not None:
+        frame = _apply_saved_split(frame, read_splits(splits_path))
+    else:
+        frame = frame[~frame["isic_id"].isin(bad)].reset_index(drop=True)
+        pairs = load_duplicates(s.duplicates) if s.duplicates else ()
+        split_by = s.split_by if frame["patient_id"].notna().any() else "image"
+        frame["split"] = split_frame(frame, split_by, s.val_frac, s.test_frac, s.seed, pairs)
+        write_splits(frame, Path(out_dir) / "splits.csv")
+    return Data(frame, paths, cache, bad)
+
+
+def _apply_saved_split(frame: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
+    merged = splits[["isic_id", "split"]].merge(frame, on="isic_id", how="left", validate="one_to_one")
+    missing = merged["target"].isna()
+    if missing.any():
+        raise UserError(f"{int(missing.sum())} ids of the saved split are not in the metadata, "
+                        f"e.g. {merged['isic_id'][missing].iloc[0]}: is this the dataset the run was trained on?")
+    return merged.astype({"target": int, "row": int})
+
+
+# ---------------------------------------------------------------- loaders
+
+def train_loader(data: Data, s, device) -> DataLoader:
+    """Balanced batches (half benign, half malignant); one epoch = as many samples as the training split holds."""
+    dataset = data.dataset("train", s.img_size)
+    if s.batch_size % 2 or s.batch_size < 2:
+        raise UserError(f"--batch-size must be even (half benign, half malignant); got {s.batch_size}")
+    if len(dataset) < s.batch_size:
+        raise UserError(f"the training split has {len(dataset)} images, fewer than --batch-size {s.batch_size}")
+    sampler = MPerClassSampler(dataset.targets, m=s.batch_size // 2, batch_size=s.batch_size,
+                               length_before_new_iter=len(dataset))
+    return DataLoader(dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.workers,
+                      pin_memory=device.type == "cuda", drop_last=True, persistent_workers=s.workers > 0)
+
+
+def eval_loader(data: Data, split: str, s, device) -> DataLoader:
+    return DataLoader(data.dataset(split, s.img_size), batch_size=s.eval_batch_size, shuffle=False,
+                      num_workers=s.workers, pin_memory=device.type == "cuda")
+
+
+# ---------------------------------------------------------------- augmentation
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float in [0, 1], channels_last for faster convolutions."""
+    return images.float().div_(255).contiguous(memory_format=torch.channels_last)
+
+
+class BatchAugment(torch.nn.Module):
+    """Random rotation, flip, zoom-crop and mild colour jitter, drawn per image but applied to the whole batch at once.
+
+    torchvision's transforms draw one set of parameters per call, so per-image randomness would need a Python loop;
+    one affine_grid/grid_sample over the batch does it in two kernels, on the GPU when training there.
+    """
+
+    def __init__(self, min_scale=0.75, max_shift=0.05, brightness=0.15, contrast=0.15, saturation=0.15):
+        super().__init__()
+        self.min_scale, self.max_shift = min_scale, max_shift
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, dev = x.shape[0], x.device
+        u = lambda *shape: torch.rand(*shape, device=dev)  # noqa: E731
+        angle = u(b) * 2 * math.pi
+        zoom = self.min_scale + (1 - self.min_scale) * u(b)           # <1 samples a smaller area: a zoomed-in crop
+        flip = torch.where(u(b) < 0.5, -1.0, 1.0)                      # mirror; with any rotation this covers flips
+        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+        shift = (u(b, 2) * 2 - 1) * self.max_shift
+        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        jitter = lambda amount: 1 + (u(b, 1, 1, 1) * 2 - 1) * amount  # noqa: E731
+        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = grey + (x - grey) * jitter(self.saturation)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = mean + (x - mean) * jitter(self.contrast)
+        x = x * jitter(self.brightness)
+        return x.clamp_(0, 1).contiguous(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------- report
+
+def data_report(data: Data, csv_path=None, split_by: str = "") -> str:
+    """Counts per split and class, patients per split, and any problems found: what --check-data prints."""
+    f = data.frame
+    lines = [f"metadata: {csv_path}" if csv_path else "", f"images: {len(f)}  malignant: {int(f['target'].sum())} "
+             f"({100 * f['target'].mean():.2f}%)  patients: {f['patient_id'].nunique()}  split by: {split_by}", "",
+             f"{'split':<6} {'images':>7} {'share':>7} {'benign':>7} {'malignant':>9} {'rate':>7} {'patients':>8}"]
+    for name in SPLITS:
+        part = f[f["split"] == name]
+        lines.append(f"{name:<6} {len(part):>7} {100 * len(part) / len(f):>6.1f}% {int((part['target'] == 0).sum()):>7} "
+                     f"{int(part['target'].sum()):>9} {100 * part['target'].mean():>6.2f}% {part['patient_id'].nunique():>8}")
+    shared = _patients_in_several_splits(f)
+    lines += ["", f"patients in more than one split: {shared}"]
+    if data.bad_images:
+        lines.append(f"skipped {len(data.bad_images)} unreadable image(s):")
+        lines += [f"  {isic_id}: {error}" for isic_id, error in data.bad_images.items()]
+    else:
+        lines.append("unreadable images: none")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _patients_in_several_splits(frame: pd.DataFrame) -> int:
+    known = frame.dropna(subset=["patient_id"])
+    return int((known.groupby("patient_id")["split"].nunique() > 1).sum())

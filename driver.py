@@ -1,0 +1,113 @@
+"""Train and evaluate the Siamese melanoma classifier end to end: data → split → train → val/test evaluation.
+
+    python driver.py --demo                                   # synthetic data, CPU-sized, a few minutes
+    python driver.py --data-dir DATA                          # full run (ResNet50, 256 px, 15 epochs)
+    python driver.py --resume runs/X                          # continue an interrupted run
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from config import RESUMABLE, Settings, parse_cli, settings_from_cli
+from dataset import data_report, find_layout, prepare_data
+from demo import make_dataset
+from modules import build_model
+from predict import evaluate_run, summary_line
+from train import fit
+from utils import (UserError, library_versions, load_checkpoint, pick_device, seed_everything, set_deterministic,
+                   write_json, write_text)
+
+DEMO_DATA = Path("data/demo")
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_cli(argv))
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(given: dict) -> Path:
+    s, checkpoint = resume_settings(given) if "resume" in given else (new_settings(given), None)
+    out = Path(s.out)
+    seed_everything(s.seed)
+    device = pick_device(s.device)
+    set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
+    print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
+
+    data = prepare_data(s, out, splits_path=out / "splits.csv" if checkpoint else None)
+    report = data_report(data, find_layout(s.data_dir, s.csv, s.image_dir)[0], s.split_by)
+    write_text(out / "data_report.txt", report)
+    print(report)
+    if s.check_data:
+        print(f"data is usable; split written to {out / 'splits.csv'}")
+        return out
+    write_json(out / "config.json", s.to_dict())
+
+    model = build_model(s, initial_weights=checkpoint is None)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    fit(model, data, s, out, device, resume_from=checkpoint)
+
+    model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
+    metrics = evaluate_run(out, s, model, data, device)
+    print(f"\ntest: {summary_line(metrics, out / 'test')}")
+    print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")
+    return out
+
+
+def new_settings(given: dict) -> Settings:
+    s = settings_from_cli(given)
+    s.versions = library_versions()
+    if s.demo and not s.data_dir and not s.csv:
+        s.data_dir = str(demo_data())
+    for name in ("data_dir", "csv", "image_dir", "duplicates", "cache_dir"):  # so predict.py works from anywhere
+        if getattr(s, name):
+            setattr(s, name, str(Path(getattr(s, name)).resolve()))
+    s.out = str(prepare_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))
+    return s
+
+
+def prepare_out_dir(out, overwrite: bool, tag: str) -> Path:
+    """A fresh run folder; an existing run is only replaced with --overwrite, anything else is never deleted."""
+    out = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").is_file() and not (out / "splits.csv").is_file():
+            raise UserError(f"--out {out} is a non-empty folder that is not a run; choose another folder")
+        if not overwrite:
+            raise UserError(f"{out} already holds a run: continue it with --resume {out}, or replace it with --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resume_settings(given: dict) -> tuple[Settings, dict]:
+    out = Path(given["resume"])
+    if not (out / "config.json").is_file() or not (out / "last.pt").is_file():
+        raise UserError(f"nothing to resume in {out}: it needs config.json and last.pt from an earlier run")
+    extra = set(given) - RESUMABLE
+    if extra:
+        raise UserError(f"--resume takes its settings from {out / 'config.json'}; only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE - {'resume'}))} may be given")
+    s = Settings.from_dict({**json.loads((out / "config.json").read_text()), **given, "out": str(out)})
+    return s, load_checkpoint(out / "last.pt")
+
+
+def demo_data() -> Path:
+    if not (DEMO_DATA / "train-metadata.csv").is_file():
+        print(f"generating a synthetic demo dataset in {DEMO_DATA} ...")
+        make_dataset(DEMO_DATA)
+    return DEMO_DATA
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The Siamese network: trunk (ResNet) → embedder (MLP) → classifier head. One set of weights serves every image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+
+from utils import UserError, load_checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def build_trunk(backbone: str, weights: str) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier, and the width of its pooled features."""
+    if weights == "imagenet":
+        chosen = models.get_model_weights(backbone).DEFAULT
+        try:
+            trunk = models.get_model(backbone, weights=chosen)
+        except Exception as e:  # offline: URLError, or a socket error wrapped by torch.hub
+            raise UserError(f"could not download ImageNet weights for {backbone} from {chosen.url} ({type(e).__name__}); "
+                            "without internet use --weights none, or --weights PATH to a local copy of that file") from None
+    else:
+        trunk = models.get_model(backbone, weights=None)
+        if weights != "none":
+            _load_trunk_weights(trunk, weights)
+    width = trunk.fc.in_features
+    trunk.fc = nn.Identity()
+    return trunk, width
+
+
+def _load_trunk_weights(trunk: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"--weights must be none, imagenet or a .pth file; {path} is none of these")
+    state = load_checkpoint(path)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k.removeprefix("trunk."): v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"{path} does not fit this trunk: {len(missing)} missing and {len(unexpected)} unexpected "
+                        f"keys (e.g. {(missing or unexpected)[0]}); is --backbone right?")
+
+
+class SiameseNet(nn.Module):
+    """images in [0, 1] → (embedding, logit). `normalize_input` applies ImageNet mean/std for pretrained trunks."""
+
+    def __init__(self, backbone="resnet50", embedding_dim=64, weights="none", normalize_input=None):
+        super().__init__()
+        self.trunk, width = build_trunk(backbone, weights)
+        self.embedder = nn.Sequential(
+            nn.Linear(width, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Linear(512, embedding_dim))
+        self.head = nn.Linear(embedding_dim, 1)
+        self.normalize_input = weights != "none" if normalize_input is None else normalize_input
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.normalize_input:
+            images = (images - self.mean) / self.std
+        embedding = self.embedder(self.trunk(images))
+        return embedding, self.head(embedding).squeeze(1)
+
+
+def build_model(s, initial_weights=True) -> SiameseNet:
+    """The model of settings `s`; initial_weights=False skips loading --weights (a checkpoint will replace them)."""
+    if s.embedding_dim < 1:
+        raise UserError(f"--embedding-dim must be positive; got {s.embedding_dim}")
+    weights = s.weights if initial_weights else "none"
+    return SiameseNet(s.backbone, s.embedding_dim, weights, normalize_input=s.weights != "none")

@@ -1,0 +1,82 @@
+"""Figures, always written to PNG files (a headless GPU box has no screen for plt.show())."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.decomposition import PCA  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, roc_curve  # noqa: E402
+
+from utils import atomic_path  # noqa: E402
+
+CLASSES = ["benign", "malignant"]
+
+
+def save(fig, path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def _curves(history, columns: dict, ylabel: str, path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in columns.items():
+        if column in history:
+            ax.plot(history["epoch"], history[column], marker="o", label=label)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def history_plots(history, out_dir) -> None:
+    _curves(history, {"train_loss": "train (BCE + contrastive)", "train_bce": "train BCE",
+                      "train_contrastive": "train contrastive", "val_loss": "validation (BCE + contrastive)"},
+            "loss", out_dir / "loss.png", "Loss")
+    _curves(history, {"train_accuracy": "train (balanced batches, threshold 0.5)",
+                      "val_accuracy": "validation (Youden threshold)"}, "accuracy", out_dir / "accuracy.png", "Accuracy")
+    _curves(history, {"val_auroc": "validation"}, "AUROC", out_dir / "auroc.png", "Validation AUROC")
+    _curves(history, {"val_pauc": "validation"}, "pAUC above 80% TPR (max 0.2)", out_dir / "pauc.png",
+            "Validation partial AUC")
+
+
+def roc_plot(y, p, threshold: float, metrics: dict, path) -> None:
+    fpr, tpr, _ = roc_curve(y, p)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUROC {metrics['auroc']:.3f}, pAUC {metrics['pauc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    ax.axhspan(0.8, 1.0, color="tab:orange", alpha=0.1, label="TPR ≥ 0.8 (pAUC region)")
+    ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "ro",
+            label=f"threshold {threshold:.3f} (chosen on validation)")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize=8)
+    save(fig, path)
+
+
+def confusion_plot(matrix, threshold: float, path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=CLASSES).plot(ax=ax, cmap="Blues", colorbar=False)
+    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
+    save(fig, path)
+
+
+def embeddings_plot(embeddings, y, path, seed: int = 0, tsne: bool = True) -> None:
+    """PCA (and t-SNE) of the embeddings, coloured by class; malignant drawn on top so they stay visible."""
+    panels = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(embeddings))]
+    if tsne and len(embeddings) > 5:
+        perplexity = min(30.0, (len(embeddings) - 1) / 3)
+        panels.append(("t-SNE", TSNE(n_components=2, perplexity=perplexity, init="pca",
+                                     random_state=seed).fit_transform(embeddings)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
+    for ax, (name, points) in zip(axes[0], panels):
+        for label, colour in ((0, "tab:blue"), (1, "tab:red")):
+            chosen = np.asarray(y) == label
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.6, c=colour,
+                       label=f"{CLASSES[label]} ({chosen.sum()})")
+        ax.set_title(f"{name} of test embeddings")
+        ax.legend()
+    save(fig, path)

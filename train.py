@@ -1,0 +1,223 @@
+"""Loss, one training epoch, evaluation, and the fit loop with checkpoints and history."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from pytorch_metric_learning.distances import LpDistance
+from pytorch_metric_learning.losses import ContrastiveLoss
+from torch import nn
+from tqdm import tqdm
+
+import plots
+from dataset import BatchAugment, eval_loader, to_float, train_loader
+from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
+from utils import UserError, autocast_dtype, rng_state, save_checkpoint, set_rng_state, write_csv
+
+SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
+
+
+class JointLoss(nn.Module):
+    """L = w_bce * BCEWithLogits(logit, y) + w_cl * ContrastiveLoss(embeddings, y), pairs formed within the batch."""
+
+    def __init__(self, w_bce=1.0, w_cl=1.0, pos_margin=0.0, neg_margin=1.0, normalize_embeddings=True):
+        super().__init__()
+        self.w_bce, self.w_cl = w_bce, w_cl
+        self.bce = nn.BCEWithLogitsLoss()
+        self.contrastive = ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin,
+                                           distance=LpDistance(p=2, power=1, normalize_embeddings=normalize_embeddings))
+
+    def forward(self, embeddings, logits, targets):
+        bce = self.bce(logits.float(), targets.float())
+        contrastive = self.contrastive(embeddings.float(), targets.long())
+        return self.w_bce * bce + self.w_cl * contrastive, bce.detach(), contrastive.detach()
+
+
+def build_loss(s) -> JointLoss:
+    return JointLoss(s.w_bce, s.w_cl, s.pos_margin, s.neg_margin, s.normalize_embeddings)
+
+
+def build_optimizer(model, s, steps_per_epoch: int):
+    """Adam with a linear warm-up to --lr, then cosine decay to zero over the remaining steps."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    warmup = max(1, round(s.warmup_epochs * steps_per_epoch))
+    total = max(warmup + 1, s.epochs * steps_per_epoch)
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its current step and stops cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
+                    epoch: int, epochs: int, stop: StopRequest | None = None) -> dict:
+    model.train()
+    totals = np.zeros(4)  # loss, bce, contrastive, correct
+    window, seen = [], 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    for step, (images, targets) in enumerate(bar, start=1):
+        images = augment(to_float(images.to(device, non_blocking=True)))
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            embeddings, logits = model(images)
+        loss, bce, contrastive = loss_fn(embeddings, logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
+        window.append(torch.stack([loss.detach(), bce, contrastive, correct.float()]))
+        seen += len(targets)
+        if step % SYNC_EVERY == 0 or step == len(loader):
+            values = torch.stack(window).cpu().numpy()  # the one host sync per window
+            bad = np.flatnonzero(~np.isfinite(values[:, 0]))
+            if len(bad):
+                raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {step - len(window) + bad[0] + 1}")
+            totals += values.sum(0) * [len(targets), len(targets), len(targets), 1]
+            bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            window = []
+        if stop is not None and stop.signal:
+            raise Interrupted(stop.signal)
+    return {"train_loss": totals[0] / seen, "train_bce": totals[1] / seen,
+            "train_contrastive": totals[2] / seen, "train_accuracy": totals[3] / seen}
+
+
+@dataclass
+class Predictions:
+    targets: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    embeddings: np.ndarray
+    loss: float
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluating") -> Predictions:
+    """Score every image of `loader` in order, without augmentation."""
+    model.eval()
+    targets, logits, embeddings, losses = [], [], [], []
+    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        images = to_float(images.to(device, non_blocking=True))
+        batch_targets = batch_targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            batch_embeddings, batch_logits = model(images)
+        if loss_fn is not None:
+            losses.append(loss_fn(batch_embeddings, batch_logits, batch_targets)[0] * len(batch_targets))
+        targets.append(batch_targets)
+        logits.append(batch_logits.float())
+        embeddings.append(batch_embeddings.float())
+    logits = torch.cat(logits).cpu().numpy()
+    return Predictions(
+        targets=torch.cat(targets).cpu().numpy().astype(int),
+        probabilities=1 / (1 + np.exp(-logits.astype(np.float64))),
+        logits=logits,
+        embeddings=torch.cat(embeddings).cpu().numpy(),
+        loss=float(torch.stack(losses).sum() / len(logits)) if losses else float("nan"),
+    )
+
+
+def validation_summary(pred: Predictions) -> dict:
+    threshold = youden_threshold(pred.targets, pred.probabilities)
+    return {"val_loss": pred.loss,
+            "val_auroc": auroc(pred.targets, pred.probabilities),
+            "val_pauc": partial_auc(pred.targets, pred.probabilities),
+            "val_accuracy": threshold_metrics(pred.targets, pred.probabilities, threshold)["accuracy"]}
+
+
+def checkpoint_dict(model, optimizer, scheduler, scaler, epoch, best, history, s) -> dict:
+    """Everything needed to continue exactly where this epoch ended, as plain types (weights_only-loadable)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
+            "rng": rng_state(), "settings": s.to_dict()}
+
+
+def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dict:
+    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric. Returns history."""
+    out_dir = Path(out_dir)
+    loader = train_loader(data, s, device)
+    val = eval_loader(data, "val", s, device)
+    amp_dtype = autocast_dtype(device)
+    loss_fn = build_loss(s)
+    augment = BatchAugment()
+    optimizer, scheduler = build_optimizer(model, s, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step_model = torch.compile(model) if s.compile else model
+    history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
+    if resume_from is not None:
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        scaler.load_state_dict(resume_from["scaler"])
+        history, best, start = resume_from["history"], resume_from["best"], resume_from["epoch"] + 1
+        set_rng_state(resume_from["rng"])
+        print(f"resuming at epoch {start} of {s.epochs} (best so far: epoch {best['epoch']}, {s.select_metric} "
+              f"{best['score']:.4f})")
+
+    with StopRequest() as stop:
+        for epoch in range(start, s.epochs + 1):
+            started = time.time()
+            try:
+                row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
+                                      amp_dtype, epoch, s.epochs, stop)
+            except Interrupted as e:
+                raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}. "
+                                f"Continue with: python driver.py --resume {out_dir}") from None
+            except NonFiniteLoss as e:
+                raise UserError(f"{e}; stopping. last.pt and best.pt keep the last good epochs "
+                                f"(try a lower --lr)") from None
+            row.update(validation_summary(evaluate(step_model, val, device, amp_dtype, loss_fn, desc="validating")))
+            row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
+            history.append(row)
+            score = row[f"val_{s.select_metric}"]
+            improved = score > best["score"] or not math.isfinite(best["score"])
+            if improved:
+                best = {"score": float(score), "epoch": epoch}
+            state = checkpoint_dict(model, optimizer, scheduler, scaler, epoch, best, history, s)
+            if improved:
+                save_checkpoint(out_dir / "best.pt", state)
+            save_checkpoint(out_dir / "last.pt", state)
+            write_csv(out_dir / "history.csv", pd.DataFrame(history))
+            plots.history_plots(pd.DataFrame(history), out_dir)
+            print(epoch_line(row, s.epochs, improved), flush=True)
+    return {"history": history, "best": best}
+
+
+def epoch_line(row: dict, epochs: int, improved: bool) -> str:
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f} (bce {row['train_bce']:.4f}, "
+            f"contrastive {row['train_contrastive']:.4f})  val loss {row['val_loss']:.4f}  "
+            f"val AUROC {row['val_auroc']:.4f}  val pAUC {row['val_pauc']:.4f}  val acc {row['val_accuracy']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['seconds']:.0f}s" + ("  *best" if improved else ""))
