@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,7 +22,7 @@ class Settings:
     cache_dir: str = "cache"              # decoded uint8 images, memory-mapped, reused across runs
     no_cache: bool = False
     skip_bad_images: bool = False
-    workers: int = 4
+    workers: int = min(4, os.cpu_count() or 1)
     # model
     backbone: str = "resnet50"
     weights: str = "none"                 # none | imagenet | PATH to a .pth state dict of the trunk

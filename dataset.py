@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from utils import UserError, atomic_path, write_csv, write_json
+
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 ID_COLUMNS = ("isic_id", "image_name")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
@@ -246,7 +250,7 @@ def decode_all(paths, size: int, workers: int, out: np.ndarray | None = None, de
     loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=workers,
                         collate_fn=lambda batch: batch)
     errors = {}
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
         for i, image, error in batch:
             if error:
                 errors[i] = error

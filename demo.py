@@ -23,16 +23,16 @@ def lesion(rng: np.random.Generator, malignant: bool, size: int) -> np.ndarray:
     angle = np.arctan2(yy - cy, xx - cx)
     radius = np.hypot((xx - cx) / rng.uniform(0.8, 1.2), yy - cy)
     base = rng.uniform(0.18, 0.3)
-    if malignant:  # ragged, asymmetric border
-        harmonics = sum(rng.uniform(0.04, 0.1) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5, 7))
-        border = base * (1 + harmonics)
-    else:
-        border = base * (1 + 0.03 * np.cos(2 * angle + rng.uniform(0, 2 * np.pi)))
+    # Malignant borders are ragged and asymmetric; some benign ones are a little irregular too, so the classes overlap.
+    roughness = rng.uniform(0.02, 0.09) if malignant else rng.uniform(0.0, 0.035)
+    harmonics = sum(roughness * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5, 7))
+    border = base * (1 + harmonics)
     inside = np.clip((border - radius) / 0.02, 0, 1)[..., None]
     skin = SKIN * rng.uniform(0.9, 1.05) + rng.normal(0, 6, (size, size, 3))
     colour = np.broadcast_to(BROWN * rng.uniform(0.85, 1.15), (size, size, 3)).copy()
-    if malignant:  # dark and blue-grey patches spread unevenly
-        for tint in (DARK, BLUE_GREY):
+    patch_chance = 0.7 if malignant else 0.15  # dark and blue-grey patches, mostly in malignant lesions
+    for tint in (DARK, BLUE_GREY):
+        if rng.random() < patch_chance:
             px, py = rng.uniform(-0.15, 0.15, 2)
             patch = np.exp(-(((xx - px) ** 2 + (yy - py) ** 2) / rng.uniform(0.004, 0.012)))[..., None]
             colour = colour * (1 - patch) + tint * patch
@@ -40,7 +40,7 @@ def lesion(rng: np.random.Generator, malignant: bool, size: int) -> np.ndarray:
     return np.clip(skin * (1 - inside) + colour * inside, 0, 255).astype(np.uint8)
 
 
-def make_dataset(root, n_images: int = 480, malignant_rate: float = 0.15, size: int = 96, seed: int = 0) -> Path:
+def make_dataset(root, n_images: int = 1000, malignant_rate: float = 0.15, size: int = 96, seed: int = 0) -> Path:
     """Write root/train-metadata.csv and root/train-image/image/*.jpg; returns root. Patients have 1-6 images."""
     root = Path(root)
     image_dir = root / "train-image" / "image"

@@ -88,7 +88,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
     model.train()
     totals = np.zeros(4)  # loss, bce, contrastive, correct
     window, seen = [], 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None)
     for step, (images, targets) in enumerate(bar, start=1):
         images = augment(to_float(images.to(device, non_blocking=True)))
         targets = targets.to(device, non_blocking=True)
@@ -113,8 +113,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
             window = []
         if stop is not None and stop.signal:
             raise Interrupted(stop.signal)
-    return {"train_loss": totals[0] / seen, "train_bce": totals[1] / seen,
-            "train_contrastive": totals[2] / seen, "train_accuracy": totals[3] / seen}
+    loss, bce, contrastive, accuracy = (float(t / seen) for t in totals)
+    return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy}
 
 
 @dataclass
@@ -131,7 +131,7 @@ def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluati
     """Score every image of `loader` in order, without augmentation."""
     model.eval()
     targets, logits, embeddings, losses = [], [], [], []
-    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         images = to_float(images.to(device, non_blocking=True))
         batch_targets = batch_targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -200,7 +200,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
                 raise UserError(f"{e}; stopping. last.pt and best.pt keep the last good epochs "
                                 f"(try a lower --lr)") from None
             row.update(validation_summary(evaluate(step_model, val, device, amp_dtype, loss_fn, desc="validating")))
-            row = {"epoch": epoch, **row, "lr": scheduler.get_last_lr()[0], "seconds": time.time() - started}
+            row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
             history.append(row)
             score = row[f"val_{s.select_metric}"]
             improved = score > best["score"] or not math.isfinite(best["score"])

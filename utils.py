@@ -125,8 +125,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on the content
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {path}: not a plain-tensor checkpoint ({first_line})") from None
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line or "error" in line.lower()),
+                      type(e).__name__)
+        raise UserError(f"refusing to load {path}: not a plain-tensor checkpoint ({reason[:200]})") from None
 
 
 def library_versions() -> dict:

@@ -1,0 +1,107 @@
+"""A tiny real run through the command lines users type: driver.py, then predict.py on the saved run."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, SAMPLE, needs
+
+RUN_FILES = ["config.json", "splits.csv", "data_report.txt", "history.csv", "best.pt", "last.pt",
+             "loss.png", "accuracy.png", "auroc.png", "pauc.png"]
+EVAL_FILES = ["metrics.json", "predictions.csv", "classification_report.txt", "roc.png", "confusion_matrix.png",
+              "embeddings.png"]
+TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+        "--embedding-dim", "16", "--no-tsne"]
+
+
+def cli(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "r"
+    cache = tmp_path_factory.mktemp("cache")
+    result = cli("driver.py", "--data-dir", tiny_data, "--out", out, "--cache-dir", cache, *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_run_writes_every_output(tiny_run):
+    out, result = tiny_run
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    for split in ("val", "test"):
+        for name in EVAL_FILES:
+            assert (out / split / name).is_file(), f"{split}/{name}"
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["epoch"]) == [1, 2]
+    for column in ("train_loss", "train_bce", "train_contrastive", "val_loss", "val_auroc", "val_pauc",
+                   "val_accuracy", "lr", "seconds"):
+        assert history[column].notna().all(), column
+    config = json.loads((out / "config.json").read_text())
+    assert config["backbone"] == "resnet18" and "torch" in config["versions"]
+    assert "test: AUROC" in result.stdout
+
+
+def test_test_metrics_are_consistent(tiny_run):
+    out, _ = tiny_run
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    val = json.loads((out / "val" / "metrics.json").read_text())
+    predictions = pd.read_csv(out / "test" / "predictions.csv")
+    splits = pd.read_csv(out / "splits.csv")
+    assert metrics["threshold"] == val["threshold"]  # chosen on validation, reused on test
+    assert metrics["n"] == len(predictions) == (splits["split"] == "test").sum()
+    assert metrics["n_positive"] == predictions["target"].sum()
+    assert set(predictions["isic_id"]) == set(splits.loc[splits["split"] == "test", "isic_id"])
+    assert 0 <= metrics["pauc"] <= 0.2 and 0 <= metrics["auroc"] <= 1
+    tn, fp = metrics["confusion_matrix"][0]
+    assert tn + fp == metrics["n"] - metrics["n_positive"]
+
+
+def test_predict_reproduces_test_metrics(tiny_run):
+    out, _ = tiny_run
+    before = json.loads((out / "test" / "metrics.json").read_text())
+    result = cli("predict.py", "--run", out, "--workers", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "test" / "metrics.json").read_text()) == before
+
+
+def test_predict_on_unlabelled_images(tiny_run, tiny_data, tmp_path):
+    out, _ = tiny_run
+    result = cli("predict.py", "--run", out, "--images", tiny_data / "train-image" / "image", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    assert len(predictions) == 160 and predictions["probability"].between(0, 1).all()
+
+
+def test_existing_run_is_not_overwritten(tiny_run, tiny_data):
+    out, _ = tiny_run
+    result = cli("driver.py", "--data-dir", tiny_data, "--out", out, *TINY)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "/nonexistent/isic"], "data folder not found"),
+    (["--csv", "/nonexistent/train.csv", "--image-dir", "/tmp"], "metadata CSV not found"),
+    (["--batch-size", "16"], "no data given"),
+])
+def test_bad_input_gives_one_line_error(args, message, tmp_path):
+    result = cli("driver.py", *args, "--out", tmp_path / "o", *TINY)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("error:")
+    assert message in result.stderr
+
+
+@needs(SAMPLE)
+def test_real_sample_end_to_end(tmp_path):
+    out = tmp_path / "r"
+    result = cli("driver.py", "--data-dir", SAMPLE, "--out", out, "--cache-dir", tmp_path / "cache", *TINY)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert metrics["n"] == (pd.read_csv(out / "splits.csv")["split"] == "test").sum()
