@@ -52,6 +52,7 @@ class Settings:
     resume: Optional[str] = None
     overwrite: bool = False
     check_data: bool = False
+    check_images: bool = False
     demo: bool = False
     profile: str = "default"
     versions: dict = field(default_factory=dict)
@@ -123,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panel of embeddings.png")
     g.add_argument("--resume", help="continue the interrupted run in this folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder given by --out")
-    g.add_argument("--check-data", action="store_true", help="validate the data, write the split and a report, exit")
+    g.add_argument("--check-data", action="store_true",
+                   help="validate the data, write OUT/splits.csv and OUT/data_report.txt, exit (non-zero if unusable)")
+    g.add_argument("--check-images", action="store_true", help="with --check-data: also decode every image (slow)")
     g.add_argument("--demo", action="store_true", help="generate a small synthetic dataset and train on it (CPU-sized)")
     g.add_argument("--profile", choices=sorted(PROFILES), help="preset of defaults: default | cpu | demo")
     return p

@@ -6,7 +6,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 ID_COLUMNS = ("isic_id", "image_name")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["isic_id", "patient_id", "target", "split", "group", "split_by"]  # splits.csv
 
 # Known layouts: (metadata CSV, image folder), relative to --data-dir.
 LAYOUTS = [
@@ -67,30 +68,44 @@ def _bad_rows(mask: pd.Series, limit: int = 5) -> str:
     return ", ".join(rows) + more
 
 
+def read_csv(path, what: str, **kwargs) -> pd.DataFrame:
+    """pandas.read_csv with every way a file can fail to be a CSV turned into one clear UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        if b"\0" in f.read(4096):
+            raise UserError(f"{path} is not a CSV: it holds binary data")
+    try:
+        with warnings.catch_warnings():
+            # With index_col=False, a row longer than the header is a warning; here it is an error.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return pd.read_csv(path, index_col=False, **kwargs)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty") from None
+    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, ValueError, OSError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0][:200]})") from None
+
+
 def load_metadata(csv_path) -> pd.DataFrame:
     """Read and validate a metadata CSV into columns isic_id, patient_id (may be NaN), target (0/1)."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise UserError(f"metadata CSV not found: {csv_path}")
-    try:
-        raw = pd.read_csv(csv_path, dtype={"patient_id": str})
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{csv_path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"{csv_path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    raw = read_csv(csv_path, "metadata CSV", dtype={"patient_id": str})
+    columns = str(list(raw.columns))[:300]
     id_col = next((c for c in ID_COLUMNS if c in raw.columns), None)
     if id_col is None:
-        raise UserError(f"{csv_path} has no image id column (isic_id or image_name); columns: {list(raw.columns)}")
+        raise UserError(f"{csv_path} has no image id column (isic_id or image_name); columns: {columns}")
     if "target" not in raw.columns:
-        raise UserError(f"{csv_path} has no 'target' column; columns: {list(raw.columns)}")
+        raise UserError(f"{csv_path} has no 'target' column; columns: {columns}")
     if raw.empty:
         raise UserError(f"{csv_path} has a header but no rows")
 
     ids = raw[id_col].astype(str).str.strip()
-    unsafe = raw[id_col].isna() | (ids == "") | ids.str.contains(r"[/\\]|^\.\.?$|\.\.|^[A-Za-z]:", regex=True)
+    # Ids only ever look up names listed in the image folder, but a path-like id is a sign of a wrong or hostile CSV.
+    unsafe = raw[id_col].isna() | (ids == "") | ids.str.contains(r"[/\\\0]|\.\.|^[A-Za-z]:", regex=True)
     if unsafe.any():
+        example = "an empty id" if raw[id_col].isna()[unsafe].iloc[0] else repr(ids[unsafe].iloc[0])
         raise UserError(f"{csv_path}: image ids must be plain file names (no paths, no '..'); see line(s) "
-                        f"{_bad_rows(unsafe)}, e.g. {raw[id_col][unsafe].iloc[0]!r}")
+                        f"{_bad_rows(unsafe)}, e.g. {example}")
     dup = ids.duplicated(keep=False)
     if dup.any():
         raise UserError(f"{csv_path}: duplicate image ids on line(s) {_bad_rows(dup)}, e.g. {ids[dup].iloc[0]!r}")
@@ -99,43 +114,47 @@ def load_metadata(csv_path) -> pd.DataFrame:
     bad_target = target.isna() | ~target.isin([0, 1])
     if bad_target.any():
         example = raw["target"][bad_target].iloc[0]
-        raise UserError(f"{csv_path}: 'target' must be 0 or 1; bad value {example!r} on line(s) {_bad_rows(bad_target)}")
+        example = "an empty cell" if pd.isna(example) else repr(str(example))
+        raise UserError(f"{csv_path}: 'target' must be 0 or 1; {example} on line(s) {_bad_rows(bad_target)}")
     patients = raw["patient_id"].astype("string").str.strip() if "patient_id" in raw.columns else pd.NA
     frame = pd.DataFrame({"isic_id": ids, "patient_id": patients, "target": target.astype(int)})
     if frame["target"].nunique() < 2:
         only = "malignant" if frame["target"].iloc[0] == 1 else "benign"
-        raise UserError(f"{csv_path}: every row is {only}; training needs both classes")
+        raise UserError(f"{csv_path}: all {len(frame)} rows are {only} (target {frame['target'].iloc[0]}); "
+                        f"training needs both classes")
     return frame
 
 
-def find_images(ids, image_dir) -> list[Path]:
-    """Map each id to <image_dir>/<id>.jpg|.jpeg|.png with one directory listing (fast for 33k files)."""
+def locate_images(ids, image_dir) -> tuple[list, str]:
+    """Map each id to <image_dir>/<id>.jpg|.jpeg|.png (or to <id> itself, if it names a file there).
+
+    One directory listing, fast for 33k files. Returns (paths, problem): paths hold None where the image is missing,
+    problem is "" or a one-line message with how many are missing and the first few.
+    """
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise UserError(f"image folder not found: {image_dir}")
-    by_stem = {}
+    by_name = {}
     for entry in os.scandir(image_dir):
         stem, ext = os.path.splitext(entry.name)
-        if ext in IMAGE_EXTENSIONS and entry.is_file():
-            by_stem.setdefault(stem, entry.name)
-    missing = [i for i in ids if i not in by_stem]
-    if missing:
-        raise UserError(f"{len(missing)} of {len(ids)} images missing from {image_dir}, e.g. "
-                        f"{', '.join(missing[:3])} (expected <id>.jpg, .jpeg or .png)")
-    return [image_dir / by_stem[i] for i in ids]
+        if ext.lower() in IMAGE_EXTENSIONS and entry.is_file():
+            by_name.setdefault(stem, entry.name)
+            by_name[entry.name] = entry.name
+    paths = [image_dir / by_name[i] if i in by_name else None for i in ids]
+    missing = [i for i, path in zip(ids, paths) if path is None]
+    if not missing:
+        return paths, ""
+    return paths, (f"{len(missing)} of {len(paths)} images missing from {image_dir}, e.g. {', '.join(missing[:5])} "
+                   f"(expected <id>.jpg, .jpeg or .png)")
 
 
 def load_duplicates(path) -> list[tuple[str, str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"duplicates CSV not found: {path}")
-    try:
-        pairs = pd.read_csv(path, dtype=str)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    """Pairs of image ids, from the first two columns (the official file has image_name_1, image_name_2)."""
+    pairs = read_csv(path, "duplicates CSV", dtype=str)
     if pairs.shape[1] < 2:
         raise UserError(f"{path}: expected two columns of image ids (image_name_1, image_name_2)")
-    return list(pairs.iloc[:, :2].itertuples(index=False, name=None))
+    pairs = pairs.iloc[:, :2].dropna().apply(lambda column: column.str.strip())
+    return list(pairs.itertuples(index=False, name=None))
 
 
 # ---------------------------------------------------------------- split
@@ -183,10 +202,14 @@ def split_frame(frame: pd.DataFrame, split_by="patient", val_frac=0.15, test_fra
     split = np.empty(len(frame), dtype=object)
     split[train], split[val], split[test] = "train", "val", "test"
     split = pd.Series(split, index=frame.index, name="split")
-    for name in SPLITS:
-        if frame["target"][split == name].nunique() < 2:
-            raise UserError(f"the {name} split got only one class; add malignant images or change the fractions")
+    _require_both_classes(frame["target"], split)
     return split
+
+
+def _require_both_classes(target: pd.Series, split: pd.Series) -> None:
+    for name in SPLITS:
+        if target[split == name].nunique() < 2:
+            raise UserError(f"the {name} split got only one class; add malignant images or change the fractions")
 
 
 def _one_group_fold(index, y, groups, n_folds, seed):
@@ -202,8 +225,30 @@ def _require_positives(y, need: int, unit: str, groups=None) -> None:
                         f"needs at least {need}")
 
 
+def split_unit(frame: pd.DataFrame, split_by: str, duplicate_pairs) -> str:
+    """What no two splits may share: 'patient+duplicates', 'patient', 'duplicates' or 'image' (a plain split)."""
+    if split_by == "image":
+        return "image"
+    parts = []
+    if frame["patient_id"].notna().any():
+        parts.append("patient")
+    if len(duplicate_pairs):
+        parts.append("duplicates")
+    return "+".join(parts) or "image"
+
+
+def split_rows(frame: pd.DataFrame, s) -> pd.DataFrame:
+    """The frame with its split, its leakage group and the split unit: the columns splits.csv records."""
+    pairs = load_duplicates(s.duplicates) if s.duplicates else []
+    unit = split_unit(frame, s.split_by, pairs)
+    by = "image" if unit == "image" else "patient"
+    split = split_frame(frame, by, s.val_frac, s.test_frac, s.seed, pairs)
+    groups = np.arange(len(frame)) if unit == "image" else leakage_groups(frame, pairs)
+    return frame.assign(split=split, group=groups, split_by=unit)
+
+
 def write_splits(frame: pd.DataFrame, path) -> None:
-    write_csv(path, frame[["isic_id", "patient_id", "target", "split"]])
+    write_csv(path, frame[[c for c in SPLIT_COLUMNS if c in frame.columns]])
 
 
 def read_splits(path) -> pd.DataFrame:
@@ -227,6 +272,7 @@ def decode(path, size: int) -> torch.Tensor:
         with Image.open(path) as pil:
             pil.load()
             image = TF.pil_to_tensor(pil.convert("RGB"))
+    image = TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
     image = TF.resize(image, size, antialias=True)
     return TF.center_crop(image, [size, size])
 
@@ -307,50 +353,85 @@ class ImageDataset(Dataset):
 
 @dataclass
 class Data:
-    frame: pd.DataFrame          # isic_id, patient_id, target, split, row (index into paths and cache)
+    frame: pd.DataFrame          # isic_id, patient_id, target, split, group, split_by, row (index into paths and cache)
     paths: list
     cache: np.ndarray | None
-    bad_images: dict             # isic_id -> error, for images skipped with --skip-bad-images
+    bad_images: dict             # isic_id -> error, for unreadable images (skipped with --skip-bad-images)
+    problems: list = field(default_factory=list)  # what makes the data unusable, found by --check-data
+    source: str = ""             # the metadata CSV and the image folder
 
     def dataset(self, split: str, size: int) -> ImageDataset:
         part = self.frame[self.frame["split"] == split]
         return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache)
 
 
-def load_images(frame: pd.DataFrame, image_dir, s):
-    """Locate every image, decode them into the cache (or just check them); refuse bad ones unless told to skip."""
-    paths = find_images(list(frame["isic_id"]), image_dir)
+def _unreadable(errors: dict, paths) -> str:
+    i = min(errors)
+    return (f"{len(errors)} unreadable image(s), e.g. {paths[i]} ({errors[i]}); "
+            f"fix or remove them, or pass --skip-bad-images")
+
+
+def read_images(ids, paths, s):
+    """Decode every image into the cache (or just check them with --no-cache); refuse bad ones unless told to skip."""
     if s.no_cache:
         cache, errors = None, decode_all(paths, s.img_size, s.workers, desc="checking images")
     else:
         cache, errors = cached_images(paths, s.img_size, s.cache_dir, s.workers)
     if errors and not s.skip_bad_images:
-        i = min(errors)
-        raise UserError(f"{len(errors)} unreadable image(s), e.g. {paths[i]} ({errors[i]}); "
-                        f"fix or remove them, or pass --skip-bad-images")
-    bad = {frame["isic_id"].iloc[i]: error for i, error in sorted(errors.items())}
-    return paths, cache, bad
+        raise UserError(_unreadable(errors, paths))
+    return cache, {ids[i]: error for i, error in sorted(errors.items())}
 
 
-def prepare_data(s, out_dir, splits_path=None) -> Data:
-    """Everything a run needs from disk. With `splits_path`, reuse that split instead of making a new one."""
+def load_images(frame: pd.DataFrame, image_dir, s):
+    """Locate and decode the images of `frame`: (paths, cache, {isic_id: error} of skipped ones)."""
+    paths, missing = locate_images(list(frame["isic_id"]), image_dir)
+    if missing:
+        raise UserError(missing)
+    return paths, *read_images(list(frame["isic_id"]), paths, s)
+
+
+def check_images(ids, paths, s) -> tuple[dict, list]:
+    """--check-data --check-images: decode the images that exist, without caching them."""
+    present = [i for i, path in enumerate(paths) if path is not None]
+    errors = decode_all([paths[i] for i in present], s.img_size, s.workers, desc="checking images")
+    errors = {present[k]: error for k, error in errors.items()}
+    problems = [_unreadable(errors, paths)] if errors and not s.skip_bad_images else []
+    return {ids[i]: error for i, error in sorted(errors.items())}, problems
+
+
+def prepare_data(s, out_dir=None, splits_path=None) -> Data:
+    """Everything a run needs from disk, checked in order of cost; the split is saved to `out_dir`/splits.csv if given.
+
+    With `splits_path`, that saved split is reused. With s.check_data, missing and unreadable images become
+    Data.problems instead of errors, and images are decoded only with s.check_images.
+    """
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     frame = load_metadata(csv_path)
+    ids = list(frame["isic_id"])
     frame["row"] = np.arange(len(frame))  # position in `paths` and in the image cache
-    paths, cache, bad = load_images(frame, image_dir, s)
-    if splits_path is not None:
-        frame = _apply_saved_split(frame, read_splits(splits_path))
-    else:
+    paths, missing = locate_images(ids, image_dir)
+    if missing and not s.check_data:
+        raise UserError(missing)
+    problems = [missing] if missing else []
+    # The split needs only the metadata: made before decoding, its errors come in seconds, not after an hour.
+    frame = _apply_saved_split(frame, read_splits(splits_path)) if splits_path is not None else split_rows(frame, s)
+    cache, bad = None, {}
+    if not s.check_data:
+        cache, bad = read_images(ids, paths, s)
+    elif s.check_images:
+        bad, unreadable = check_images(ids, paths, s)
+        problems += unreadable
+    if bad and s.skip_bad_images:
         frame = frame[~frame["isic_id"].isin(bad)].reset_index(drop=True)
-        pairs = load_duplicates(s.duplicates) if s.duplicates else ()
-        split_by = s.split_by if frame["patient_id"].notna().any() else "image"
-        frame["split"] = split_frame(frame, split_by, s.val_frac, s.test_frac, s.seed, pairs)
+        _require_both_classes(frame["target"], frame["split"])
+    if out_dir is not None and splits_path is None:
         write_splits(frame, Path(out_dir) / "splits.csv")
-    return Data(frame, paths, cache, bad)
+    return Data(frame, paths, cache, bad, problems, f"{csv_path} with images in {image_dir}")
 
 
 def _apply_saved_split(frame: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
-    merged = splits[["isic_id", "split"]].merge(frame, on="isic_id", how="left", validate="one_to_one")
+    splits = splits.drop(columns=["patient_id", "target"], errors="ignore")  # the metadata's own are used
+    merged = splits.merge(frame, on="isic_id", how="left", validate="one_to_one")
     missing = merged["target"].isna()
     if missing.any():
         raise UserError(f"{int(missing.sum())} ids of the saved split are not in the metadata, "
@@ -420,26 +501,30 @@ class BatchAugment(torch.nn.Module):
 
 # ---------------------------------------------------------------- report
 
-def data_report(data: Data, csv_path=None, split_by: str = "") -> str:
-    """Counts per split and class, patients per split, and any problems found: what --check-data prints."""
+def data_report(data: Data) -> str:
+    """Counts per split and class, patients per split, the leakage check and the problems found."""
     f = data.frame
-    lines = [f"metadata: {csv_path}" if csv_path else "", f"images: {len(f)}  malignant: {int(f['target'].sum())} "
-             f"({100 * f['target'].mean():.2f}%)  patients: {f['patient_id'].nunique()}  split by: {split_by}", "",
-             f"{'split':<6} {'images':>7} {'share':>7} {'benign':>7} {'malignant':>9} {'rate':>7} {'patients':>8}"]
+    lines = [f"data: {data.source}",
+             f"images: {len(f)}  malignant: {int(f['target'].sum())} ({100 * f['target'].mean():.2f}%)  "
+             f"patients: {f['patient_id'].nunique()}  split by: {f['split_by'].iloc[0] if 'split_by' in f else '?'}",
+             "", f"{'split':<6} {'images':>7} {'share':>7} {'benign':>7} {'malignant':>9} {'rate':>7} {'patients':>8}"]
     for name in SPLITS:
         part = f[f["split"] == name]
         lines.append(f"{name:<6} {len(part):>7} {100 * len(part) / len(f):>6.1f}% {int((part['target'] == 0).sum()):>7} "
                      f"{int(part['target'].sum()):>9} {100 * part['target'].mean():>6.2f}% {part['patient_id'].nunique():>8}")
-    shared = _patients_in_several_splits(f)
-    lines += ["", f"patients in more than one split: {shared}"]
+    lines += ["", f"patients in more than one split: {_in_several_splits(f, 'patient_id')}"]
+    if "group" in f:
+        shared = _in_several_splits(f, "group")
+        lines.append(f"leakage groups (split by {f['split_by'].iloc[0]}): {f['group'].nunique()}, "
+                     f"in more than one split: {shared}")
     if data.bad_images:
-        lines.append(f"skipped {len(data.bad_images)} unreadable image(s):")
+        skipped = not f["isic_id"].isin(data.bad_images).any()
+        lines.append(f"unreadable images: {len(data.bad_images)}" + (" (left out of the split)" if skipped else ""))
         lines += [f"  {isic_id}: {error}" for isic_id, error in data.bad_images.items()]
-    else:
-        lines.append("unreadable images: none")
-    return "\n".join(line for line in lines if line is not None) + "\n"
+    lines.append("problems: " + ("none" if not data.problems else f"{len(data.problems)}"))
+    lines += [f"  {problem}" for problem in data.problems]
+    return "\n".join(lines) + "\n"
 
 
-def _patients_in_several_splits(frame: pd.DataFrame) -> int:
-    known = frame.dropna(subset=["patient_id"])
-    return int((known.groupby("patient_id")["split"].nunique() > 1).sum())
+def _in_several_splits(frame: pd.DataFrame, column: str) -> int:
+    return int((frame.dropna(subset=[column]).groupby(column)["split"].nunique() > 1).sum())

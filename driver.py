@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from config import RESUMABLE, Settings, parse_cli, settings_from_cli
-from dataset import data_report, find_layout, prepare_data
+from dataset import data_report, prepare_data, write_splits
 from demo import make_dataset
 from modules import build_model
 from predict import evaluate_run, summary_line
@@ -24,6 +24,7 @@ from utils import (UserError, library_versions, load_checkpoint, pick_device, se
                    write_json, write_text)
 
 DEMO_DATA = Path("data/demo")
+CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
 
 
 def main(argv=None) -> int:
@@ -43,15 +44,23 @@ def run(given: dict) -> Path:
     set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
     print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
-    data = prepare_data(s, out, splits_path=out / "splits.csv" if checkpoint else None)
-    report = data_report(data, find_layout(s.data_dir, s.csv, s.image_dir)[0], s.split_by)
+    data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else None)
+    claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
+    if not checkpoint:
+        write_splits(data.frame, out / "splits.csv")
+    report = data_report(data)
+    if s.check_data and not s.check_images:
+        report += "images not decoded: add --check-images to decode every one\n"
     write_text(out / "data_report.txt", report)
     print(report)
     if s.check_data:
+        if data.problems:
+            raise UserError(f"data not usable: {data.problems[0]} (report: {out / 'data_report.txt'})")
         print(f"data is usable; split written to {out / 'splits.csv'}")
         return out
     write_json(out / "config.json", s.to_dict())
 
+    seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
     model = build_model(s, initial_weights=checkpoint is None)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -73,21 +82,28 @@ def new_settings(given: dict) -> Settings:
     for name in ("data_dir", "csv", "image_dir", "duplicates", "cache_dir"):  # so predict.py works from anywhere
         if getattr(s, name):
             setattr(s, name, str(Path(getattr(s, name)).resolve()))
-    s.out = str(prepare_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))
+    s.out = str(check_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))
     return s
 
 
-def prepare_out_dir(out, overwrite: bool, tag: str) -> Path:
-    """A fresh run folder; an existing run is only replaced with --overwrite, anything else is never deleted."""
+def check_out_dir(out, overwrite: bool, tag: str) -> Path:
+    """The run folder, checked before any slow step: an existing run is only replaced with --overwrite,
+    and a folder holding anything but a run or a --check-data result is never touched."""
     out = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
-    if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").is_file() and not (out / "splits.csv").is_file():
-            raise UserError(f"--out {out} is a non-empty folder that is not a run; choose another folder")
-        if not overwrite:
-            raise UserError(f"{out} already holds a run: continue it with --resume {out}, or replace it with --overwrite")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    names = {p.name for p in out.iterdir()} if out.exists() else set()
+    if "config.json" in names and not overwrite:
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or replace it with --overwrite")
+    if "config.json" not in names and names - CHECK_DATA_FILES:
+        raise UserError(f"--out {out} is a non-empty folder that is not a run; choose another folder")
+    return out
+
+
+def claim_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite and (out / "config.json").is_file():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def resume_settings(given: dict) -> tuple[Settings, dict]:

@@ -25,7 +25,8 @@ def test_kaggle_layout_loads_with_index_column(tiny_data, tmp_path):
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     assert target.item() in (0.0, 1.0)
     saved = pd.read_csv(tmp_path / "splits.csv")
-    assert list(saved.columns) == ["isic_id", "patient_id", "target", "split"]
+    assert list(saved.columns) == ["isic_id", "patient_id", "target", "split", "group", "split_by"]
+    assert set(saved["split_by"]) == {"patient"} and (saved.groupby("group")["split"].nunique() == 1).all()
 
 
 def test_cache_is_reused_and_matches_direct_decoding(tiny_data, tmp_path):
