@@ -16,6 +16,7 @@ class Settings:
     image_dir: Optional[str] = None       # ... and the folder holding its images
     duplicates: Optional[str] = None      # ISIC_2020_Training_Duplicates.csv: pairs kept on one side of the split
     split_by: str = "patient"             # patient | image
+    splits: Optional[str] = None          # reuse this splits.csv instead of making a split (e.g. cross-validation)
     val_frac: float = 0.15
     test_frac: float = 0.10
     img_size: int = 256
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--csv", help="metadata CSV (isic_id or image_name, patient_id, target); use with --image-dir")
     g.add_argument("--image-dir", help="folder with <id>.jpg/.jpeg/.png images; use with --csv")
     g.add_argument("--duplicates", help="CSV of duplicate pairs (image_name_1, image_name_2) kept in one split")
+    g.add_argument("--splits", help="use this splits.csv (isic_id, split) instead of making a new split")
     g.add_argument("--split-by", choices=["patient", "image"], help=f"leakage-free split unit (default {d.split_by})")
     g.add_argument("--val-frac", type=float, help=f"validation fraction (default {d.val_frac})")
     g.add_argument("--test-frac", type=float, help=f"test fraction (default {d.test_frac})")

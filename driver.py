@@ -44,7 +44,7 @@ def run(given: dict) -> Path:
     set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
     print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
-    data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else None)
+    data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else s.splits)
     claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
     if not checkpoint:
         write_splits(data.frame, out / "splits.csv")
@@ -79,7 +79,7 @@ def new_settings(given: dict) -> Settings:
     s.versions = library_versions()
     if s.demo and not s.data_dir and not s.csv:
         s.data_dir = str(demo_data())
-    for name in ("data_dir", "csv", "image_dir", "duplicates", "cache_dir"):  # so predict.py works from anywhere
+    for name in ("data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir"):  # so predict.py works from anywhere
         if getattr(s, name):
             setattr(s, name, str(Path(getattr(s, name)).resolve()))
     s.out = str(check_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))

@@ -1,0 +1,209 @@
+"""Throughput benchmark: the real training/evaluation loops and input pipeline against their bare limits.
+
+    python bench.py                 # CPU cases (and the CUDA case when a GPU is present)
+    python bench.py --scale         # also: a full-size (33,126 x 256 px) memory-mapped cache, peak memory
+
+Every ratio is measured side by side in one process on the same machine, so machine noise largely cancels.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from config import Settings
+from dataset import BatchAugment, ImageDataset, eval_loader, prepare_data, to_float, train_loader
+from demo import make_dataset
+from modules import SiameseNet
+from train import build_loss, build_optimizer, evaluate, train_one_epoch
+from utils import autocast_dtype, seed_everything
+
+
+def rate(images: int, seconds: float) -> float:
+    return images / seconds
+
+
+def timed(fn, repeat: int, device) -> float:
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeat
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_train_rate(s, device, steps: int) -> float:
+    """The ceiling: forward, backward and Adam step of the same network on tensors already on the device."""
+    model = SiameseNet(s.backbone, s.embedding_dim).to(device).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.rand(s.batch_size, 3, s.img_size, s.img_size, device=device).contiguous(memory_format=torch.channels_last)
+    y = (torch.arange(s.batch_size, device=device) % 2).float()
+    amp = autocast_dtype(device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, logits = model(x)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return rate(s.batch_size, timed(step, steps, device))
+
+
+def bare_eval_rate(s, device, steps: int) -> float:
+    model = SiameseNet(s.backbone, s.embedding_dim).to(device).to(memory_format=torch.channels_last).eval()
+    x = torch.rand(s.eval_batch_size, 3, s.img_size, s.img_size, device=device).contiguous(
+        memory_format=torch.channels_last)
+    amp = autocast_dtype(device)
+
+    @torch.inference_mode()
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            model(x)
+    return rate(s.eval_batch_size, timed(step, steps, device))
+
+
+def real_rates(s, data, device) -> tuple[float, float]:
+    """Images/s of one real training epoch (sampler, augmentation, loss, optimiser, logging) and of evaluation."""
+    model = SiameseNet(s.backbone, s.embedding_dim).to(device).to(memory_format=torch.channels_last)
+    loader = train_loader(data, s, device)
+    optimizer, scheduler = build_optimizer(model, s, len(loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype(device) == torch.float16)
+    args = (model, loader, build_loss(s), optimizer, scheduler, scaler, BatchAugment().to(device), device,
+            autocast_dtype(device), 1, 1)
+    train_one_epoch(*args)  # warm-up: worker start, allocator, cuDNN autotuning
+    sync(device)
+    start = time.perf_counter()
+    train_one_epoch(*args)
+    sync(device)
+    train = rate(len(loader) * s.batch_size, time.perf_counter() - start)
+    val = eval_loader(data, "train", s, device)
+    evaluate(model, val, device, autocast_dtype(device))
+    start = time.perf_counter()
+    evaluate(model, val, device, autocast_dtype(device))
+    return train, rate(len(val.dataset), time.perf_counter() - start)
+
+
+class ReferencePipeline(Dataset):
+    """The usual per-image pipeline: PIL open, then torchvision transforms with rotation and colour jitter."""
+
+    def __init__(self, paths, size):
+        self.paths = paths
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(size, scale=(0.75, 1.0)), transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(), transforms.RandomRotation(180),
+            transforms.ColorJitter(0.15, 0.15, 0.15, 0.05), transforms.ToTensor()])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as image:
+            return self.transform(image.convert("RGB"))
+
+
+def input_rates(s, data, device, workers: int) -> dict:
+    """Images/s delivered as augmented float batches on the device, by each pipeline, with no model."""
+    augment = BatchAugment().to(device)
+
+    def ours(cache):
+        dataset = ImageDataset(np.arange(len(data.paths)), np.zeros(len(data.paths)), data.paths, s.img_size, cache)
+        loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=True, num_workers=workers)
+        return lambda: [augment(to_float(x.to(device))) for x, _ in loader]
+
+    reference = DataLoader(ReferencePipeline(data.paths, s.img_size), batch_size=s.batch_size, shuffle=True,
+                           num_workers=workers)
+    runs = {"cached": ours(data.cache), "per-image": ours(None),
+            "reference": lambda: [x.to(device) for x in reference]}
+    return {name: rate(len(data.paths), timed(fn, 1, device)) for name, fn in runs.items()}
+
+
+def peak_memory(device) -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = f", GPU {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    return f"peak RSS {rss:.0f} MiB{gpu}"
+
+
+def scale_check(root: Path, n=33126, size=256, batches=200, batch_size=128) -> str:
+    """A full-size cache (n x 3 x size x size uint8) read through the loader: private memory stays small."""
+    path = root / "scale.npy"
+    cache = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 3, size, size))
+    for start in range(0, n, 1024):  # fill in chunks so this process never holds the array
+        cache[start:start + 1024] = np.random.randint(0, 256, (min(1024, n - start), 3, size, size), dtype=np.uint8)
+    cache.flush()
+    del cache
+    cache = np.load(path, mmap_mode="r")
+    dataset = ImageDataset(np.arange(n), np.zeros(n), [None] * n, size, cache)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    start = time.perf_counter()
+    for i, (x, _) in enumerate(loader):
+        if i == batches:
+            break
+    seconds = time.perf_counter() - start
+    anon = int(next(line for line in open("/proc/self/status") if line.startswith("RssAnon")).split()[1]) / 1024
+    gib = n * 3 * size * size / 2**30
+    return (f"full-size cache {gib:.1f} GiB: {batches * batch_size} random reads at {batches * batch_size / seconds:.0f} "
+            f"images/s; private (anonymous) memory of this process {anon:.0f} MiB")
+
+
+def case(name, s, device, data, workers, steps) -> list[str]:
+    seed_everything(0)
+    bare_train, bare_eval = bare_train_rate(s, device, steps), bare_eval_rate(s, device, max(2, steps // 2))
+    train, evaluation = real_rates(s, data, device)
+    return [f"| {name} | train | {train:.1f} | {bare_train:.1f} | {train / bare_train:.2f} |",
+            f"| {name} | evaluate | {evaluation:.1f} | {bare_eval:.1f} | {evaluation / bare_eval:.2f} |"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", action="store_true", help="also build and read a full-size 6.5 GB cache")
+    p.add_argument("--workers", type=int, default=2, help="loader workers for the input-pipeline comparison")
+    p.add_argument("--work-dir", help="where generated data and caches go (default: a temporary folder)")
+    args = p.parse_args()
+    root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-"))
+    cpu = torch.device("cpu")
+    cases = [("resnet18 64px cpu", dict(backbone="resnet18", img_size=64, batch_size=32, eval_batch_size=128), cpu, 400, 8),
+             ("resnet50 128px cpu", dict(backbone="resnet50", img_size=128, batch_size=32, eval_batch_size=64), cpu, 200, 3)]
+    if torch.cuda.is_available():
+        cases.append(("resnet50 256px cuda bf16", dict(backbone="resnet50", img_size=256, batch_size=128,
+                                                       eval_batch_size=512), torch.device("cuda"), 4000, 20))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"))
+    rows = ["| case | loop | real images/s | bare model images/s | ratio |", "|---|---|---|---|---|"]
+    for name, overrides, device, n_images, steps in cases:
+        data_dir = make_dataset(root / f"data-{n_images}", n_images=n_images, size=256, seed=0) \
+            if not (root / f"data-{n_images}").exists() else root / f"data-{n_images}"
+        s = dataclasses.replace(Settings(data_dir=str(data_dir), workers=0, cache_dir=str(root / "cache")), **overrides)
+        data = prepare_data(s, root / "out")
+        rows += case(name, s, device, data, s.workers, steps)
+        print("\n".join(rows[-2:]), flush=True)
+        if name.startswith("resnet18"):
+            inputs = input_rates(s, data, device, args.workers)
+    print("\n" + "\n".join(rows))
+    ref = inputs["reference"]
+    print(f"\ninput pipeline at 64 px, {args.workers} workers, images/s (ratio to the PIL + torchvision reference):")
+    for name, value in inputs.items():
+        print(f"  {name:<10} {value:8.0f}  ({value / ref:.1f}x)")
+    print("\n" + peak_memory(cpu if not torch.cuda.is_available() else torch.device("cuda")))
+    if args.scale:
+        print(scale_check(root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Patient-grouped k-fold cross-validation: colour baseline vs BCE-only vs contrastive + kNN vs the joint loss.
+
+    python crossval.py --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
+
+Each fold holds out a disjoint set of patients as its test split; the rest is split again by patient into train and
+validation (threshold and best epoch are chosen there). Every method sees exactly the same folds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+import driver
+from baseline import fit_colour_baseline, score_colour_baseline
+from config import Settings, build_parser, settings_from_cli
+from dataset import find_layout, leakage_groups, load_images, load_metadata, write_splits
+from metrics import auroc, partial_auc
+from utils import UserError, write_csv, write_text
+
+# name → (flags for driver.py, which score of test/metrics.json to read)
+METHODS = {
+    "BCE only": ({"w_cl": 0.0}, "head"),
+    "contrastive + kNN": ({"w_bce": 0.0}, "knn"),
+    "joint (BCE + contrastive)": ({}, "head"),
+}
+
+
+def fold_splits(frame: pd.DataFrame, folds: int, seed: int, val_frac: float = 0.15):
+    """Yield one split column per fold: test = that fold's patients; val/train split the rest by patient."""
+    groups = leakage_groups(frame)
+    y = frame["target"].to_numpy()
+    outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for rest, test in outer.split(frame, y, groups):
+        inner = StratifiedGroupKFold(n_splits=round((1 - 1 / folds) / val_frac), shuffle=True, random_state=seed)
+        train, val = next(inner.split(rest, y[rest], groups[rest]))
+        split = np.empty(len(frame), dtype=object)
+        split[rest[train]], split[rest[val]], split[test] = "train", "val", "test"
+        yield split
+
+
+def read_score(run_dir: Path, which: str) -> tuple[float, float]:
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    if which == "head":
+        return metrics["auroc"], metrics["pauc"]
+    scores = metrics["embedding_classifiers"][which]
+    return scores["auroc"], scores["pauc"]
+
+
+def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, float]:
+    train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
+    model = fit_colour_baseline(np.asarray(cache[np.sort(train["row"])]), train.sort_values("row")["target"].to_numpy())
+    p = score_colour_baseline(model, np.asarray(cache[test["row"].to_numpy()]))
+    return auroc(test["target"], p), partial_auc(test["target"], p)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
+    p.add_argument("--methods", default="all", help="comma-separated subset of: baseline, " + ", ".join(METHODS))
+    args, driver_flags = p.parse_known_args(argv)
+    try:
+        return run(args, driver_flags)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, driver_flags) -> int:
+    given = vars(build_parser().parse_args(driver_flags))
+    s: Settings = settings_from_cli(given)
+    csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
+    frame = load_metadata(csv_path)
+    frame["row"] = np.arange(len(frame))
+    _, cache, _ = load_images(frame, image_dir, s)
+    wanted = list(METHODS) + ["colour baseline"] if args.methods == "all" else args.methods.split(",")
+    out = Path(args.cv_out)
+    rows = []
+    for fold, split in enumerate(fold_splits(frame, args.folds, s.seed), start=1):
+        frame["split"] = split
+        splits_csv = out / f"fold{fold}" / "splits.csv"
+        write_splits(frame, splits_csv)
+        if "colour baseline" in wanted:
+            rows.append(("colour baseline", fold, *colour_baseline(frame, cache)))
+        for name, (flags, which) in METHODS.items():
+            if name not in wanted:
+                continue
+            run_dir = out / f"fold{fold}" / name.split()[0].lower()
+            driver.run({**given, **flags, "splits": str(splits_csv), "out": str(run_dir), "overwrite": True})
+            rows.append((name, fold, *read_score(run_dir, which)))
+        print_table(rows, args.folds)
+    table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
+    write_csv(out / "crossval.csv", table)
+    write_text(out / "crossval.md", markdown(table))
+    print(f"\n{markdown(table)}\nper-fold results: {out / 'crossval.csv'}")
+    return 0
+
+
+def markdown(table: pd.DataFrame) -> str:
+    lines = ["| method | test AUROC (mean ± std) | test pAUC (mean ± std) | folds |", "|---|---|---|---|"]
+    for method, part in table.groupby("method", sort=False):
+        lines.append(f"| {method} | {part['auroc'].mean():.3f} ± {part['auroc'].std(ddof=1):.3f} | "
+                     f"{part['pauc'].mean():.3f} ± {part['pauc'].std(ddof=1):.3f} | {len(part)} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows, folds):
+    fold = rows[-1][1] if rows else 0
+    print(f"\n--- after fold {fold}/{folds} ---\n" + markdown(pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])),
+          flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
