@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import time
 from dataclasses import dataclass
@@ -12,13 +13,15 @@ import pandas as pd
 import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss
+from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
 from tqdm import tqdm
 
 import plots
 from dataset import BatchAugment, eval_loader, to_float, train_loader
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
-from utils import UserError, autocast_dtype, rng_state, save_checkpoint, set_rng_state, write_csv
+from utils import (UserError, autocast_dtype, remove_stale_temporaries, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state, write_csv)
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
 
@@ -58,7 +61,8 @@ def build_optimizer(model, s, steps_per_epoch: int):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its current step and stops cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop finishes its current step and stops cleanly. A second signal stops at once
+    (atomic writes keep the files on disk whole either way)."""
 
     def __init__(self):
         self.signal = None
@@ -68,6 +72,8 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -107,7 +113,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
             values = torch.stack(window).cpu().numpy()  # the one host sync per window
             bad = np.flatnonzero(~np.isfinite(values[:, 0]))
             if len(bad):
-                raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {step - len(window) + bad[0] + 1}")
+                first = step - len(window) + bad[0] + 1
+                raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {first}")
             totals += values.sum(0) * [len(targets), len(targets), len(targets), 1]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             window = []
@@ -159,6 +166,18 @@ def validation_summary(pred: Predictions) -> dict:
             "val_accuracy": threshold_metrics(pred.targets, pred.probabilities, threshold)["accuracy"]}
 
 
+def seed_epoch(loader, seed: int, epoch: int) -> None:
+    """Draw every epoch's randomness (sampler, augmentation) from (seed, epoch) alone.
+
+    A resumed run then replays epoch k exactly as an uninterrupted one, whatever random numbers were drawn before it:
+    persistent loader workers draw their base seed only in the first epoch, evaluation loaders draw one each, and
+    MPerClassSampler shuffles its list of labels in place, carrying that order from one epoch to the next.
+    """
+    seed_everything(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    if isinstance(loader.sampler, MPerClassSampler):
+        loader.sampler.labels.sort()
+
+
 def checkpoint_dict(model, optimizer, scheduler, scaler, epoch, best, history, s) -> dict:
     """Everything needed to continue exactly where this epoch ended, as plain types (weights_only-loadable)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -178,27 +197,37 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if s.compile else model
     history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
-    if resume_from is not None:
+    if resume_from is None:  # epoch 0: a kill during the first epoch can be resumed too
+        save_checkpoint(out_dir / "last.pt", checkpoint_dict(model, optimizer, scheduler, scaler, 0, best, history, s))
+    else:
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
         scaler.load_state_dict(resume_from["scaler"])
         history, best, start = resume_from["history"], resume_from["best"], resume_from["epoch"] + 1
         set_rng_state(resume_from["rng"])
-        print(f"resuming at epoch {start} of {s.epochs} (best so far: epoch {best['epoch']}, {s.select_metric} "
-              f"{best['score']:.4f})")
+        remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
+        so_far = f"best so far: epoch {best['epoch']}, {s.select_metric} {best['score']:.4f}" if best["epoch"] else \
+            "no epoch finished yet"
+        print(f"resuming at epoch {start} of {s.epochs} ({so_far})" if start <= s.epochs else
+              f"resuming: all {s.epochs} epochs were done, evaluating")
 
+    # last.pt always holds a finished epoch: an interrupted epoch is replayed from its start on resume, which seed_epoch
+    # makes exact. Saving mid-epoch would also need the sampler's position and the loader's prefetched batches.
+    resume_hint = f"continue with: python driver.py --resume {shlex.quote(str(out_dir))}"
     with StopRequest() as stop:
         for epoch in range(start, s.epochs + 1):
             started = time.time()
+            seed_epoch(loader, s.seed, epoch)
             try:
                 row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
                                       amp_dtype, epoch, s.epochs, stop)
             except Interrupted as e:
-                raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}. "
-                                f"Continue with: python driver.py --resume {out_dir}") from None
+                raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
+                                f"{resume_hint}") from None
             except NonFiniteLoss as e:
-                raise UserError(f"{e}; stopping. last.pt and best.pt keep the last good epochs "
-                                f"(try a lower --lr)") from None
+                kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {best['epoch']}" * bool(best["epoch"]))
+                raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
+                                f"try a lower --lr") from None
             row.update(validation_summary(evaluate(step_model, val, device, amp_dtype, loss_fn, desc="validating")))
             row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
             history.append(row)
@@ -213,6 +242,9 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
             write_csv(out_dir / "history.csv", pd.DataFrame(history))
             plots.history_plots(pd.DataFrame(history), out_dir)
             print(epoch_line(row, s.epochs, improved), flush=True)
+            if stop.signal:  # arrived during validation or saving: this epoch is complete and saved
+                raise UserError(f"stopped by {stop.signal} after epoch {epoch}; last.pt holds epoch {epoch}, "
+                                f"{resume_hint}")
     return {"history": history, "best": best}
 
 

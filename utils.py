@@ -4,7 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 
@@ -78,24 +80,52 @@ def autocast_dtype(device: torch.device):
 
 # ---------------------------------------------------------------- files
 
+TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"  # hidden and not *.pt: a leftover is never mistaken for a checkpoint
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block finishes.
 
-    A crash or kill mid-write leaves the previous file intact, never a truncated one.
+    A crash or kill mid-write leaves the previous file intact, never a truncated one (a SIGKILL may leave the hidden
+    temporary behind; remove_stale_temporaries clears it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file gets the usual permissions
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # and the rename itself survives a power loss
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_dir(folder) -> None:
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete what atomic_path left in `folder` (recursively) when a process was killed mid-write.
+
+    Only call it while nothing else writes there."""
+    stale = [p for p in Path(folder).rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}") if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return stale
 
 
 def write_text(path, text: str) -> None:
@@ -124,10 +154,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError or RuntimeError depending on the content
-        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line or "error" in line.lower()),
-                      type(e).__name__)
-        raise UserError(f"refusing to load {path}: not a plain-tensor checkpoint ({reason[:200]})") from None
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain Python types
+        found = re.search(r"Unsupported [^.]*", str(e))
+        raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded "
+                        f"({found[0] if found else 'not plain tensors'}); load only checkpoints this pipeline wrote, "
+                        f"or state dicts of plain tensors") from None
+    except Exception as e:  # truncated, corrupted, or not a PyTorch file at all
+        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first})") from None
 
 
 def library_versions() -> dict:
