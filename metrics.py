@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from sklearn import metrics as skm
 
 
@@ -65,3 +66,96 @@ def classification_report(y, p, threshold: float) -> str:
     report = skm.classification_report(y, pred, labels=[0, 1], target_names=["benign", "malignant"],
                                        digits=4, zero_division=0)
     return f"decision threshold {threshold:.4f} (Youden's J on the validation split)\n\n{report}"
+
+
+# ---------------------------------------------------------------- bootstrap confidence intervals
+
+def roc_areas(y, p, weights, max_fpr: float = 1.0) -> np.ndarray:
+    """Area under the ROC curve up to `max_fpr`, once per row of `weights` (how often each image was drawn).
+
+    One sort serves every resample: the curve of a resample is the cumulative sum of its weights in score order.
+    Tied scores form one diagonal step, as in roc_curve; the cut at max_fpr interpolates the last segment.
+    """
+    y, p, weights = np.asarray(y), np.asarray(p, dtype=float), np.atleast_2d(weights)
+    order = np.argsort(-p, kind="stable")
+    y, w = y[order], weights[:, order]
+    last = np.r_[np.flatnonzero(np.diff(p[order])), len(p) - 1]  # last image of each run of tied scores
+    tp = np.cumsum(w * y, axis=1)[:, last]
+    fp = np.cumsum(w * (1 - y), axis=1)[:, last]
+    zero = np.zeros((len(w), 1))
+    tpr, fpr = np.hstack([zero, tp / tp[:, -1:]]), np.hstack([zero, fp / fp[:, -1:]])
+    x0, x1 = np.minimum(fpr[:, :-1], max_fpr), np.minimum(fpr[:, 1:], max_fpr)
+    dx = np.diff(fpr, axis=1)
+    slope = np.diff(tpr, axis=1) / np.where(dx > 0, dx, 1.0)
+    t0 = tpr[:, :-1]
+    t1 = t0 + slope * (x1 - fpr[:, :-1])  # TPR where the (cut) segment ends; unused when the segment is cut away
+    return np.sum((x1 - x0) * (t0 + t1) / 2, axis=1)
+
+
+def bootstrap_weights(y, groups, resamples: int, rng) -> np.ndarray:
+    """(resamples, N) draw counts of a stratified bootstrap. The unit drawn is the patient (images without a
+    patient id are their own unit); units with any malignant image and units without are drawn separately, so
+    every resample keeps both classes and the number of malignant patients fixed."""
+    y = np.asarray(y).astype(int)
+    if groups is None:
+        units = np.arange(len(y))
+    else:
+        units, _ = pd.factorize(pd.Series(groups).astype("string"))
+        missing = units < 0
+        units[missing] = units.max() + 1 + np.arange(missing.sum())
+    n_units = units.max() + 1
+    malignant = np.bincount(units, weights=y, minlength=n_units) > 0
+    counts = np.zeros((resamples, n_units))
+    for stratum in (np.flatnonzero(malignant), np.flatnonzero(~malignant)):
+        draws = stratum[rng.integers(0, len(stratum), size=(resamples, len(stratum)))]
+        flat = draws + n_units * np.arange(resamples)[:, None]
+        counts += np.bincount(flat.ravel(), minlength=resamples * n_units).reshape(resamples, n_units)
+    return counts[:, units]
+
+
+def bootstrap_ci(y, scores: dict, groups=None, resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                 chunk: int = 100) -> dict:
+    """Percentile intervals of AUROC and pAUC for each named score, all from the same resamples (so they pair)."""
+    y = np.asarray(y).astype(int)
+    if len(np.unique(y)) != 2 or resamples < 1:
+        return {name: {"auroc": [float("nan")] * 2, "pauc": [float("nan")] * 2} for name in scores}
+    rng = np.random.default_rng(seed)
+    values = {name: {"auroc": [], "pauc": []} for name in scores}
+    for start in range(0, resamples, chunk):  # chunks bound the memory: (chunk, N) weights at a time
+        w = bootstrap_weights(y, groups, min(chunk, resamples - start), rng)
+        for name, p in scores.items():
+            values[name]["auroc"].append(roc_areas(y, p, w))
+            values[name]["pauc"].append(roc_areas(1 - y, -np.asarray(p, dtype=float), w, max_fpr=0.2))
+    tail = 100 * (1 - level) / 2
+    return {name: {metric: [float(v) for v in np.percentile(np.concatenate(v), [tail, 100 - tail])]
+                   for metric, v in by_metric.items()} for name, by_metric in values.items()}
+
+
+# ---------------------------------------------------------------- calibration
+
+def prior_corrected_logits(logits, prevalence: float, trained_prevalence: float = 0.5) -> np.ndarray:
+    """Move logits from the prior the model was trained at (balanced batches: 0.5) to the data's real prevalence.
+
+    Bayes' rule in log-odds: only the prior odds change, so a constant is added and every ranking metric is unchanged.
+    """
+    odds = lambda q: np.log(q / (1 - q))  # noqa: E731
+    return np.asarray(logits, dtype=float) + odds(prevalence) - odds(trained_prevalence)
+
+
+def sigmoid(x) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(x, dtype=float)))
+
+
+def expected_calibration_error(y, p, bins: int = 10) -> float:
+    """Σ_b (n_b / N) |observed malignant rate - mean probability| over `bins` equal-width probability bins."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    gap = np.bincount(which, weights=y, minlength=bins) - np.bincount(which, weights=p, minlength=bins)
+    return float(np.abs(gap).sum() / len(y))  # n_b/N * |sum_y/n_b - sum_p/n_b| = |sum_y - sum_p| / N
+
+
+def calibration_metrics(y, p, p_corrected, prevalence: float) -> dict:
+    return {"brier": float(skm.brier_score_loss(y, p)), "ece": expected_calibration_error(y, p),
+            "brier_prior_corrected": float(skm.brier_score_loss(y, p_corrected)),
+            "ece_prior_corrected": expected_calibration_error(y, p_corrected),
+            "train_prevalence": float(prevalence), "ece_bins": 10}

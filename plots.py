@@ -8,7 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, roc_curve  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import ConfusionMatrixDisplay, average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from utils import atomic_path  # noqa: E402
 
@@ -79,4 +80,48 @@ def embeddings_plot(embeddings, y, path, seed: int = 0, tsne: bool = True) -> No
                        label=f"{CLASSES[label]} ({chosen.sum()})")
         ax.set_title(f"{name} of test embeddings")
         ax.legend()
+    save(fig, path)
+
+
+def pr_plot(y, p, threshold: float, metrics: dict, path) -> None:
+    precision, recall, _ = precision_recall_curve(y, p)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.step(recall, precision, where="post", label=f"average precision {average_precision_score(y, p):.3f}")
+    ax.axhline(np.mean(y), color="k", ls="--", lw=0.8, label=f"chance (prevalence {np.mean(y):.3f})")
+    ax.plot(metrics["sensitivity"], metrics["precision"], "ro", label=f"threshold {threshold:.3f} (chosen on validation)")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="upper right", fontsize=8)
+    save(fig, path)
+
+
+def calibration_plot(y, probabilities: dict, path, bins: int = 10) -> None:
+    """Reliability diagram (observed malignant rate per probability bin) above a histogram of the probabilities."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=[3, 1.2], sharex=True)
+    top.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    for label, p in probabilities.items():
+        observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+        top.plot(predicted, observed, marker="o", label=label)
+        bottom.hist(p, bins=bins, range=(0, 1), histtype="step", lw=1.5, label=label)
+    top.set(ylabel="observed malignant rate", title="Reliability diagram", xlim=(0, 1), ylim=(0, 1.01))
+    top.legend(loc="upper left", fontsize=8)
+    bottom.set(xlabel="predicted probability of melanoma", ylabel="images", yscale="log")
+    save(fig, path)
+
+
+def gallery_plot(rows: dict, path) -> None:
+    """rows: title -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Image, then overlay."""
+    columns = 2 * max([len(cases) for cases in rows.values()] + [1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (title, cases) in enumerate(rows.items()):
+        axes[r, 0].set_title(title if cases else f"{title}: none", loc="left", fontsize=9, fontweight="bold")
+        for c, (image, cam, caption) in enumerate(cases):
+            axes[r, 2 * c].imshow(image)
+            axes[r, 2 * c].text(0.02, 0.98, caption, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
+                                color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+            axes[r, 2 * c + 1].imshow(image)
+            axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.suptitle("Most confident cases (left: image with P(melanoma), right: Grad-CAM of the trunk's last block)",
+                 fontsize=9)
     save(fig, path)
