@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from config import Settings
-from dataset import BatchAugment, ImageDataset, eval_loader, prepare_data, to_float, train_loader
+from dataset import BatchAugment, ImageDataset, eval_loader, image_loader, prepare_data, to_float, train_loader
 from demo import make_dataset
 from modules import SiameseNet
 from train import build_loss, build_optimizer, evaluate, train_one_epoch
@@ -124,7 +124,7 @@ def input_rates(s, data, device, workers: int) -> dict:
 
     def ours(cache):
         dataset = ImageDataset(np.arange(len(data.paths)), np.zeros(len(data.paths)), data.paths, s.img_size, cache)
-        loader = DataLoader(dataset, batch_size=s.batch_size, shuffle=True, num_workers=workers)
+        loader = image_loader(dataset, s.batch_size, device, workers, shuffle=True)
         return lambda: [augment(to_float(x.to(device))) for x, _ in loader]
 
     reference = DataLoader(ReferencePipeline(data.paths, s.img_size), batch_size=s.batch_size, shuffle=True,
@@ -150,7 +150,7 @@ def scale_check(root: Path, n=33126, size=256, batches=200, batch_size=128) -> s
     del cache
     cache = np.load(path, mmap_mode="r")
     dataset = ImageDataset(np.arange(n), np.zeros(n), [None] * n, size, cache)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = image_loader(dataset, batch_size, torch.device("cpu"), 0, shuffle=True)
     start = time.perf_counter()
     for i, (x, _) in enumerate(loader):
         if i == batches:

@@ -41,6 +41,7 @@ class Settings:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    ema: float = 0.0                      # decay of an exponential moving average of the weights; 0 = none
     select_metric: str = "pauc"           # pauc | auroc
     # evaluation
     tsne: bool = True
@@ -77,9 +78,34 @@ PROFILES = {
 }
 
 
+def _number(kind, low, name):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {name}; got {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, 1, "at least 1")
+SEED = _number(int, 0, "0 or more")
+POSITIVE = _number(float, 1e-300, "positive")
+NON_NEGATIVE = _number(float, 0.0, "0 or more")
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad flags end with one line, like every other user error (argparse would print the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(
+    p = Parser(
         description="Train and evaluate a Siamese ResNet (BCE + contrastive loss) for melanoma detection on ISIC 2020.",
         argument_default=argparse.SUPPRESS,  # only flags the user typed override the profile's defaults
     )
@@ -92,33 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-by", choices=["patient", "image"], help=f"leakage-free split unit (default {d.split_by})")
     g.add_argument("--val-frac", type=float, help=f"validation fraction (default {d.val_frac})")
     g.add_argument("--test-frac", type=float, help=f"test fraction (default {d.test_frac})")
-    g.add_argument("--img-size", type=int, help=f"square image side in pixels (default {d.img_size})")
+    g.add_argument("--img-size", type=COUNT, help=f"square image side in pixels (default {d.img_size})")
     g.add_argument("--cache-dir", help=f"where decoded images are cached (default {d.cache_dir})")
     g.add_argument("--no-cache", action="store_true", help="decode images on the fly instead of caching them")
     g.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images instead of stopping")
-    g.add_argument("--workers", type=int, help=f"data loader worker processes (default {d.workers})")
+    g.add_argument("--workers", type=SEED, help=f"data loader worker processes (default {d.workers})")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"], help=f"trunk (default {d.backbone})")
     g.add_argument("--weights", help="none | imagenet | PATH to a trunk state dict (default none)")
-    g.add_argument("--embedding-dim", type=int, help=f"embedding size (default {d.embedding_dim})")
+    g.add_argument("--embedding-dim", type=COUNT, help=f"embedding size (default {d.embedding_dim})")
     g = p.add_argument_group("loss")
-    g.add_argument("--w-bce", type=float, help=f"weight of the BCE term (default {d.w_bce})")
-    g.add_argument("--w-cl", type=float, help=f"weight of the contrastive term (default {d.w_cl})")
-    g.add_argument("--pos-margin", type=float, help=f"contrastive positive margin (default {d.pos_margin})")
-    g.add_argument("--neg-margin", type=float, help=f"contrastive negative margin (default {d.neg_margin})")
+    g.add_argument("--w-bce", type=NON_NEGATIVE, help=f"weight of the BCE term (default {d.w_bce})")
+    g.add_argument("--w-cl", type=NON_NEGATIVE, help=f"weight of the contrastive term (default {d.w_cl})")
+    g.add_argument("--pos-margin", type=NON_NEGATIVE, help=f"contrastive positive margin (default {d.pos_margin})")
+    g.add_argument("--neg-margin", type=NON_NEGATIVE, help=f"contrastive negative margin (default {d.neg_margin})")
     g.add_argument("--no-normalize-embeddings", dest="normalize_embeddings", action="store_false",
                    help="use raw instead of L2-normalised embeddings in the contrastive distance")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"epochs (default {d.epochs})")
-    g.add_argument("--batch-size", type=int, help=f"training batch, half benign half malignant (default {d.batch_size})")
-    g.add_argument("--eval-batch-size", type=int, help=f"evaluation batch (default {d.eval_batch_size})")
-    g.add_argument("--lr", type=float, help=f"peak learning rate of Adam (default {d.lr})")
-    g.add_argument("--weight-decay", type=float, help=f"Adam weight decay (default {d.weight_decay})")
-    g.add_argument("--warmup-epochs", type=float, help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
+    g.add_argument("--epochs", type=COUNT, help=f"epochs (default {d.epochs})")
+    g.add_argument("--batch-size", type=COUNT, help=f"training batch, half benign half malignant (default {d.batch_size})")
+    g.add_argument("--eval-batch-size", type=COUNT, help=f"evaluation batch (default {d.eval_batch_size})")
+    g.add_argument("--lr", type=POSITIVE, help=f"peak learning rate of Adam (default {d.lr})")
+    g.add_argument("--weight-decay", type=NON_NEGATIVE, help=f"Adam weight decay (default {d.weight_decay})")
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE, help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
+    g.add_argument("--ema", type=NON_NEGATIVE, help="keep and evaluate a moving average of the weights with this "
+                   f"decay per step, e.g. 0.999 (default {d.ema}: off)")
     g.add_argument("--select-metric", choices=["pauc", "auroc"], help="validation metric that picks best.pt")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: a new folder under runs/)")
-    g.add_argument("--seed", type=int, help=f"seed for split, sampler and weights (default {d.seed})")
+    g.add_argument("--seed", type=SEED, help=f"seed for split, sampler and weights (default {d.seed})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default auto)")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                    help="repeatable kernels (default: on for CPU, off on GPU)")

@@ -329,24 +329,47 @@ def cached_images(paths, size: int, cache_dir, workers: int):
 
 
 class ImageDataset(Dataset):
-    """Rows of one split → (uint8 image (3, S, S), target). Images come from the cache or are decoded per item."""
+    """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,)), a whole batch per fetch.
+
+    Fetching by batch (__getitems__) turns a batch from the cache into one sorted read of the memory-mapped array
+    instead of B small ones, and skips the per-image collation; use it through `image_loader`.
+    """
 
     def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None):
-        self.rows, self.targets, self.paths, self.size, self.cache = rows, targets, paths, size, cache
+        self.rows, self.targets, self.paths, self.size, self.cache = np.asarray(rows), targets, paths, size, cache
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
+        images, targets = self.__getitems__([i])
+        return images[0], targets[0]
+
+    def __getitems__(self, indices):
+        rows = self.rows[indices]
         if self.cache is not None:
-            image = torch.from_numpy(np.array(self.cache[row]))
+            order = np.argsort(rows)
+            images = np.empty((len(rows), *self.cache.shape[1:]), dtype=np.uint8)
+            images[order] = self.cache[rows[order]]
+            images = torch.from_numpy(images)
         else:
-            try:
-                image = decode(self.paths[row], self.size)
-            except Exception as e:
-                raise UserError(f"cannot read image {self.paths[row]}: {e}") from None
-        return image, torch.tensor(self.targets[i], dtype=torch.float32)
+            images = torch.stack([self._decode(row) for row in rows])
+        return images, torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32)
+
+    def _decode(self, row):
+        try:
+            return decode(self.paths[row], self.size)
+        except Exception as e:
+            raise UserError(f"cannot read image {self.paths[row]}: {e}") from None
+
+
+def _whole_batch(batch):
+    return batch  # ImageDataset.__getitems__ already returns a collated batch
+
+
+def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, **kw) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_whole_batch,
+                      pin_memory=device.type == "cuda", persistent_workers=workers > 0 and "sampler" in kw, **kw)
 
 
 # ---------------------------------------------------------------- the data a run uses
@@ -450,13 +473,11 @@ def train_loader(data: Data, s, device) -> DataLoader:
         raise UserError(f"the training split has {len(dataset)} images, fewer than --batch-size {s.batch_size}")
     sampler = MPerClassSampler(dataset.targets, m=s.batch_size // 2, batch_size=s.batch_size,
                                length_before_new_iter=len(dataset))
-    return DataLoader(dataset, batch_size=s.batch_size, sampler=sampler, num_workers=s.workers,
-                      pin_memory=device.type == "cuda", drop_last=True, persistent_workers=s.workers > 0)
+    return image_loader(dataset, s.batch_size, device, s.workers, sampler=sampler, drop_last=True)
 
 
 def eval_loader(data: Data, split: str, s, device) -> DataLoader:
-    return DataLoader(data.dataset(split, s.img_size), batch_size=s.eval_batch_size, shuffle=False,
-                      num_workers=s.workers, pin_memory=device.type == "cuda")
+    return image_loader(data.dataset(split, s.img_size), s.eval_batch_size, device, s.workers, shuffle=False)
 
 
 # ---------------------------------------------------------------- augmentation

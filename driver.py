@@ -19,7 +19,7 @@ from dataset import data_report, prepare_data, write_splits
 from demo import make_dataset
 from modules import build_model
 from predict import evaluate_run, summary_line
-from train import fit
+from train import evaluation_weights, fit
 from utils import (UserError, library_versions, load_checkpoint, pick_device, seed_everything, set_deterministic,
                    write_json, write_text)
 
@@ -34,6 +34,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C: last.pt still holds the last finished epoch
+        print("error: stopped at once by a second interrupt; continue with: python driver.py --resume RUN_FOLDER",
+              file=sys.stderr)
+        return 130
 
 
 def run(given: dict) -> Path:
@@ -67,7 +71,7 @@ def run(given: dict) -> Path:
     model = model.to(device).to(memory_format=torch.channels_last)
     fit(model, data, s, out, device, resume_from=checkpoint)
 
-    model.load_state_dict(load_checkpoint(out / "best.pt", device)["model"])
+    model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
     metrics = evaluate_run(out, s, model, data, device)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")

@@ -21,16 +21,15 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score
 from sklearn.neighbors import NearestNeighbors
 from torch import nn
-from torch.utils.data import DataLoader
 
 import plots
 from config import Settings
-from dataset import (IMAGE_EXTENSIONS, ImageDataset, find_layout, load_images, load_metadata, prepare_data,
-                     read_splits, to_float)
+from dataset import (IMAGE_EXTENSIONS, ImageDataset, find_layout, image_loader, load_images, load_metadata,
+                     prepare_data, read_splits, to_float)
 from metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
                      prior_corrected_logits, sigmoid, youden_threshold)
 from modules import build_model
-from train import Predictions, evaluate
+from train import Predictions, evaluate, evaluation_weights
 from utils import UserError, autocast_dtype, load_checkpoint, pick_device, write_csv, write_json, write_text
 
 BOOTSTRAP = 1000           # resamples behind each 95% confidence interval
@@ -45,7 +44,7 @@ def load_run(run_dir, device, checkpoint: str = "best.pt") -> tuple[Settings, to
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
     s = Settings.from_dict(json.loads((run_dir / "config.json").read_text()))
     model = build_model(s, initial_weights=False)
-    model.load_state_dict(load_checkpoint(run_dir / checkpoint)["model"])
+    model.load_state_dict(evaluation_weights(load_checkpoint(run_dir / checkpoint)))
     return s, model.to(device).to(memory_format=torch.channels_last).eval()
 
 
@@ -62,8 +61,7 @@ class DihedralTTA(nn.Module):
 
 
 def score(model, dataset, s, device) -> Predictions:
-    loader = DataLoader(dataset, batch_size=s.eval_batch_size, shuffle=False, num_workers=s.workers,
-                        pin_memory=device.type == "cuda")
+    loader = image_loader(dataset, s.eval_batch_size, device, s.workers, shuffle=False)
     return evaluate(model, loader, device, autocast_dtype(device))
 
 

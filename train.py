@@ -15,6 +15,7 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plots
@@ -90,7 +91,7 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
-                    epoch: int, epochs: int, stop: StopRequest | None = None) -> dict:
+                    epoch: int, epochs: int, stop: StopRequest | None = None, ema=None) -> dict:
     model.train()
     totals = np.zeros(4)  # loss, bce, contrastive, correct
     window, seen = [], 0
@@ -106,6 +107,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
         window.append(torch.stack([loss.detach(), bce, contrastive, correct.float()]))
         seen += len(targets)
@@ -178,11 +181,30 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
         loader.sampler.labels.sort()
 
 
-def checkpoint_dict(model, optimizer, scheduler, scaler, epoch, best, history, s) -> dict:
+def checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s) -> dict:
     """Everything needed to continue exactly where this epoch ended, as plain types (weights_only-loadable)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
-            "rng": rng_state(), "settings": s.to_dict()}
+            "ema": None if ema is None else ema.module.state_dict(),
+            "ema_updates": 0 if ema is None else int(ema.n_averaged), "rng": rng_state(), "settings": s.to_dict()}
+
+
+def evaluation_weights(checkpoint: dict) -> dict:
+    """The weights that were validated: the moving average when the run kept one, else the trained weights."""
+    return checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
+
+
+def moving_average(model, decay: float, resume_from: dict | None = None):
+    """An exponential moving average of the weights and BatchNorm statistics (torch.optim.swa_utils), or None."""
+    if not decay:
+        return None
+    if not 0 < decay < 1:
+        raise UserError(f"--ema must be a decay between 0 and 1, e.g. 0.999; got {decay}")
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if resume_from is not None and resume_from.get("ema") is not None:
+        ema.module.load_state_dict(resume_from["ema"])
+        ema.n_averaged.fill_(resume_from["ema_updates"])
+    return ema
 
 
 def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dict:
@@ -196,9 +218,11 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = torch.compile(model) if s.compile else model
+    ema = moving_average(model, s.ema, resume_from)
+    eval_model = ema.module if ema is not None else step_model
     history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
     if resume_from is None:  # epoch 0: a kill during the first epoch can be resumed too
-        save_checkpoint(out_dir / "last.pt", checkpoint_dict(model, optimizer, scheduler, scaler, 0, best, history, s))
+        save_checkpoint(out_dir / "last.pt", checkpoint_dict(model, ema, optimizer, scheduler, scaler, 0, best, history, s))
     else:
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
@@ -220,7 +244,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
             seed_epoch(loader, s.seed, epoch)
             try:
                 row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
-                                      amp_dtype, epoch, s.epochs, stop)
+                                      amp_dtype, epoch, s.epochs, stop, ema)
             except Interrupted as e:
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None
@@ -228,14 +252,14 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
                 kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {best['epoch']}" * bool(best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
-            row.update(validation_summary(evaluate(step_model, val, device, amp_dtype, loss_fn, desc="validating")))
+            row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
             row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
             history.append(row)
             score = row[f"val_{s.select_metric}"]
             improved = score > best["score"] or not math.isfinite(best["score"])
             if improved:
                 best = {"score": float(score), "epoch": epoch}
-            state = checkpoint_dict(model, optimizer, scheduler, scaler, epoch, best, history, s)
+            state = checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s)
             if improved:
                 save_checkpoint(out_dir / "best.pt", state)
             save_checkpoint(out_dir / "last.pt", state)
