@@ -61,7 +61,7 @@ def summary(results: pd.DataFrame) -> str:
     lines = [f"{'variant':<17} {'scorer':<10} {'test AUROC':<17} {'test pAUC':<17} seeds"]
     for (variant, scorer), r in table.iterrows():
         lines.append(f"{variant:<17} {scorer:<10} {r['auroc', 'mean']:.4f} ± {r['auroc', 'std']:.4f}  "
-                     f"{r['pauc', 'mean']:.4f} ± {r['pauc', 'std']:.4f}  {r['auroc', 'count']}")
+                     f"{r['pauc', 'mean']:.4f} ± {r['pauc', 'std']:.4f}  {int(r['auroc', 'count'])}")
     return "\n".join(lines)
 
 
