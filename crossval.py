@@ -8,7 +8,6 @@ validation (threshold and best epoch are chosen there). Every method sees exactl
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -16,18 +15,18 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-import driver
+from ablation import train_and_test
 from baseline import fit_colour_baseline, score_colour_baseline
-from config import Settings, build_parser, settings_from_cli
+from config import Settings, parse_cli, settings_from_cli
 from dataset import find_layout, leakage_groups, load_images, load_metadata, write_splits
 from metrics import auroc, partial_auc
 from utils import UserError, write_csv, write_text
 
-# name → (flags for driver.py, which score of test/metrics.json to read)
+# key → (name in the table, flags for driver.py, which scorer of test/metrics.json to read)
 METHODS = {
-    "BCE only": ({"w_cl": 0.0}, "head"),
-    "contrastive + kNN": ({"w_bce": 0.0}, "knn"),
-    "joint (BCE + contrastive)": ({}, "head"),
+    "bce": ("BCE only", {"w_cl": 0.0}, "head"),
+    "knn": ("contrastive + kNN", {"w_bce": 0.0}, "knn"),
+    "joint": ("joint (BCE + contrastive)", {}, "head"),
 }
 
 
@@ -44,14 +43,6 @@ def fold_splits(frame: pd.DataFrame, folds: int, seed: int, val_frac: float = 0.
         yield split
 
 
-def read_score(run_dir: Path, which: str) -> tuple[float, float]:
-    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
-    if which == "head":
-        return metrics["auroc"], metrics["pauc"]
-    scores = metrics["embedding_classifiers"][which]
-    return scores["auroc"], scores["pauc"]
-
-
 def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, float]:
     train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
     model = fit_colour_baseline(np.asarray(cache[np.sort(train["row"])]), train.sort_values("row")["target"].to_numpy())
@@ -63,7 +54,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
-    p.add_argument("--methods", default="all", help="comma-separated subset of: baseline, " + ", ".join(METHODS))
+    p.add_argument("--methods", default="baseline,bce,knn,joint", help="comma-separated subset of the default")
     args, driver_flags = p.parse_known_args(argv)
     try:
         return run(args, driver_flags)
@@ -73,27 +64,31 @@ def main(argv=None) -> int:
 
 
 def run(args, driver_flags) -> int:
-    given = vars(build_parser().parse_args(driver_flags))
+    given = parse_cli(driver_flags)
     s: Settings = settings_from_cli(given)
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     frame = load_metadata(csv_path)
     frame["row"] = np.arange(len(frame))
     _, cache, _ = load_images(frame, image_dir, s)
-    wanted = list(METHODS) + ["colour baseline"] if args.methods == "all" else args.methods.split(",")
+    wanted = args.methods.split(",")
+    unknown = set(wanted) - set(METHODS) - {"baseline"}
+    if unknown:
+        raise UserError(f"unknown --methods {', '.join(sorted(unknown))}: choose from baseline, {', '.join(METHODS)}")
     out = Path(args.cv_out)
     rows = []
     for fold, split in enumerate(fold_splits(frame, args.folds, s.seed), start=1):
         frame["split"] = split
         splits_csv = out / f"fold{fold}" / "splits.csv"
         write_splits(frame, splits_csv)
-        if "colour baseline" in wanted:
+        if "baseline" in wanted:
             rows.append(("colour baseline", fold, *colour_baseline(frame, cache)))
-        for name, (flags, which) in METHODS.items():
-            if name not in wanted:
+        for key, (name, flags, which) in METHODS.items():
+            if key not in wanted:
                 continue
-            run_dir = out / f"fold{fold}" / name.split()[0].lower()
-            driver.run({**given, **flags, "splits": str(splits_csv), "out": str(run_dir), "overwrite": True})
-            rows.append((name, fold, *read_score(run_dir, which)))
+            run_dir = out / f"fold{fold}" / key
+            metrics = train_and_test({**given, **flags, "splits": str(splits_csv), "out": str(run_dir),
+                                      "overwrite": True})["scorers"][which]
+            rows.append((name, fold, metrics["auroc"], metrics["pauc"]))
         print_table(rows, args.folds)
     table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
     write_csv(out / "crossval.csv", table)
