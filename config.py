@@ -51,6 +51,7 @@ class Settings:
     device: str = "auto"                  # auto | cpu | cuda | mps
     deterministic: Optional[bool] = None  # None: on for CPU, off for GPU
     compile: bool = False
+    sync_bn: bool = False                 # under torchrun: BatchNorm statistics over the global batch (CUDA only)
     resume: Optional[str] = None
     overwrite: bool = False
     check_data: bool = False
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use raw instead of L2-normalised embeddings in the contrastive distance")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=COUNT, help=f"epochs (default {d.epochs})")
-    g.add_argument("--batch-size", type=COUNT, help=f"training batch, half benign half malignant (default {d.batch_size})")
+    g.add_argument("--batch-size", type=COUNT, help="training batch, half benign half malignant; per process under "
+                   f"torchrun (default {d.batch_size})")
     g.add_argument("--eval-batch-size", type=COUNT, help=f"evaluation batch (default {d.eval_batch_size})")
     g.add_argument("--lr", type=POSITIVE, help=f"peak learning rate of Adam (default {d.lr})")
     g.add_argument("--weight-decay", type=NON_NEGATIVE, help=f"Adam weight decay (default {d.weight_decay})")
@@ -151,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
                    help="repeatable kernels (default: on for CPU, off on GPU)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: SyncBatchNorm, BatchNorm statistics over every process's batch")
     g.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panel of embeddings.png")
     g.add_argument("--resume", help="continue the interrupted run in this folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder given by --out")

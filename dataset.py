@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from utils import UserError, atomic_path, write_csv, write_json
+from utils import UserError, atomic_path, world_size, write_csv, write_json
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -465,14 +465,20 @@ def _apply_saved_split(frame: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFram
 # ---------------------------------------------------------------- loaders
 
 def train_loader(data: Data, s, device) -> DataLoader:
-    """Balanced batches (half benign, half malignant); one epoch = as many samples as the training split holds."""
+    """Balanced batches (half benign, half malignant); one epoch = as many samples as the training split holds.
+
+    Under torchrun each rank has its own sampler drawing 1/world_size of the epoch, its random numbers seeded per rank
+    (train.seed_epoch): the sampler draws every batch at random anyway, so independent ranks sample as one process does.
+    """
     dataset = data.dataset("train", s.img_size)
+    per_rank = len(dataset) // world_size()
     if s.batch_size % 2 or s.batch_size < 2:
         raise UserError(f"--batch-size must be even (half benign, half malignant); got {s.batch_size}")
-    if len(dataset) < s.batch_size:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than --batch-size {s.batch_size}")
+    if per_rank < s.batch_size:
+        raise UserError(f"the training split has {len(dataset)} images, fewer than --batch-size {s.batch_size}"
+                        + (f" per process times {world_size()} processes" if world_size() > 1 else ""))
     sampler = MPerClassSampler(dataset.targets, m=s.batch_size // 2, batch_size=s.batch_size,
-                               length_before_new_iter=len(dataset))
+                               length_before_new_iter=per_rank)
     return image_loader(dataset, s.batch_size, device, s.workers, sampler=sampler, drop_last=True)
 
 

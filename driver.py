@@ -3,6 +3,7 @@
     python driver.py --demo                                   # synthetic data, CPU-sized, a few minutes
     python driver.py --data-dir DATA                          # full run (ResNet50, 256 px, 15 epochs)
     python driver.py --resume runs/X                          # continue an interrupted run
+    torchrun --standalone --nproc_per_node 4 driver.py ...    # data-parallel on 4 GPUs (--batch-size is per GPU)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from config import RESUMABLE, Settings, parse_cli, settings_from_cli
 from dataset import data_report, prepare_data, write_splits
@@ -20,8 +22,8 @@ from demo import make_dataset
 from modules import build_model
 from predict import evaluate_run, summary_line
 from train import evaluation_weights, fit
-from utils import (UserError, library_versions, load_checkpoint, pick_device, seed_everything, set_deterministic,
-                   write_json, write_text)
+from utils import (UserError, barrier, broadcast, init_distributed, is_main, library_versions, load_checkpoint,
+                   pick_device, seed_everything, set_deterministic, write_json, write_text)
 
 DEMO_DATA = Path("data/demo")
 CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
@@ -38,31 +40,41 @@ def main(argv=None) -> int:
         print("error: stopped at once by a second interrupt; continue with: python driver.py --resume RUN_FOLDER",
               file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(given: dict) -> Path:
     s, checkpoint = resume_settings(given) if "resume" in given else (new_settings(given), None)
+    device = init_distributed(pick_device(s.device))
+    s.out = broadcast(s.out)  # a default folder name holds the time: every rank takes rank 0's
     out = Path(s.out)
     seed_everything(s.seed)
-    device = pick_device(s.device)
     set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
     print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
+    if not is_main():
+        barrier()  # rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it
     data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else s.splits)
-    claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
-    if not checkpoint:
-        write_splits(data.frame, out / "splits.csv")
+    if is_main():
+        barrier()
     report = data_report(data)
     if s.check_data and not s.check_images:
         report += "images not decoded: add --check-images to decode every one\n"
-    write_text(out / "data_report.txt", report)
+    if is_main():  # the only process that writes files
+        claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
+        if not checkpoint:
+            write_splits(data.frame, out / "splits.csv")
+        write_text(out / "data_report.txt", report)
     print(report)
     if s.check_data:
         if data.problems:
             raise UserError(f"data not usable: {data.problems[0]} (report: {out / 'data_report.txt'})")
         print(f"data is usable; split written to {out / 'splits.csv'}")
         return out
-    write_json(out / "config.json", s.to_dict())
+    if is_main():
+        write_json(out / "config.json", s.to_dict())
 
     seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
     model = build_model(s, initial_weights=checkpoint is None)
@@ -70,6 +82,8 @@ def run(given: dict) -> Path:
         model.load_state_dict(checkpoint["model"])
     model = model.to(device).to(memory_format=torch.channels_last)
     fit(model, data, s, out, device, resume_from=checkpoint)
+    if not is_main():
+        return out  # rank 0 evaluates val and test alone, with the whole model
 
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
     metrics = evaluate_run(out, s, model, data, device)

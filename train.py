@@ -11,24 +11,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plots
 from dataset import BatchAugment, eval_loader, to_float, train_loader
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
-from utils import (UserError, autocast_dtype, remove_stale_temporaries, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, write_csv)
+from utils import (UserError, autocast_dtype, barrier, is_main, rank, remove_stale_temporaries, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state, world_size, write_csv)
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
 
 
 class JointLoss(nn.Module):
-    """L = w_bce * BCEWithLogits(logit, y) + w_cl * ContrastiveLoss(embeddings, y), pairs formed within the batch."""
+    """L = w_bce * BCEWithLogits(logit, y) + w_cl * ContrastiveLoss(embeddings, y), pairs formed within the batch
+    (under torchrun: within each process's batch, as on one GPU with that batch size)."""
 
     def __init__(self, w_bce=1.0, w_cl=1.0, pos_margin=0.0, neg_margin=1.0, normalize_embeddings=True):
         super().__init__()
@@ -95,7 +98,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
     model.train()
     totals = np.zeros(4)  # loss, bce, contrastive, correct
     window, seen = [], 0
-    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if is_main() else True)
     for step, (images, targets) in enumerate(bar, start=1):
         images = augment(to_float(images.to(device, non_blocking=True)))
         targets = targets.to(device, non_blocking=True)
@@ -123,6 +127,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
             window = []
         if stop is not None and stop.signal:
             raise Interrupted(stop.signal)
+    if dist.is_initialized():  # the epoch's means over every rank's samples
+        summed = torch.tensor([*totals, seen], dtype=torch.float64,
+                              device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(summed)
+        *totals, seen = summed.tolist()
     loss, bce, contrastive, accuracy = (float(t / seen) for t in totals)
     return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy}
 
@@ -175,8 +184,10 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
     A resumed run then replays epoch k exactly as an uninterrupted one, whatever random numbers were drawn before it:
     persistent loader workers draw their base seed only in the first epoch, evaluation loaders draw one each, and
     MPerClassSampler shuffles its list of labels in place, carrying that order from one epoch to the next.
+    Under torchrun each rank adds its rank to the seed: its own batches and augmentations, as reproducible.
     """
-    seed_everything(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+    key = [seed, epoch] if world_size() == 1 else [seed, epoch, rank()]
+    seed_everything(int(np.random.SeedSequence(key).generate_state(1)[0]))
     if isinstance(loader.sampler, MPerClassSampler):
         loader.sampler.labels.sort()
 
@@ -186,7 +197,8 @@ def checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, histo
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
             "ema": None if ema is None else ema.module.state_dict(),
-            "ema_updates": 0 if ema is None else int(ema.n_averaged), "rng": rng_state(), "settings": s.to_dict()}
+            "ema_updates": 0 if ema is None else int(ema.n_averaged), "rng": rng_state(), "settings": s.to_dict(),
+            "world_size": world_size()}
 
 
 def evaluation_weights(checkpoint: dict) -> dict:
@@ -208,8 +220,14 @@ def moving_average(model, decay: float, resume_from: dict | None = None):
 
 
 def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dict:
-    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric. Returns history."""
+    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric. Returns history.
+
+    Under torchrun every rank trains a DistributedDataParallel copy; rank 0 alone validates and writes files."""
     out_dir = Path(out_dir)
+    if s.sync_bn and world_size() > 1:
+        if device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU version")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
     loader = train_loader(data, s, device)
     val = eval_loader(data, "val", s, device)
     amp_dtype = autocast_dtype(device)
@@ -217,19 +235,30 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
     augment = BatchAugment()
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(model) if s.compile else model
+    compiled = torch.compile(model) if s.compile else model
+    step_model = compiled
+    if dist.is_initialized():
+        step_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     ema = moving_average(model, s.ema, resume_from)
-    eval_model = ema.module if ema is not None else step_model
+    eval_model = ema.module if ema is not None else compiled
     history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
     if resume_from is None:  # epoch 0: a kill during the first epoch can be resumed too
-        save_checkpoint(out_dir / "last.pt", checkpoint_dict(model, ema, optimizer, scheduler, scaler, 0, best, history, s))
+        if is_main():
+            save_checkpoint(out_dir / "last.pt",
+                            checkpoint_dict(model, ema, optimizer, scheduler, scaler, 0, best, history, s))
     else:
+        trained_on = resume_from.get("world_size", 1)
+        if trained_on != world_size():  # steps per epoch, hence the learning-rate schedule, depend on it
+            raise UserError(f"{out_dir} was trained by {trained_on} process(es), not {world_size()}: resume it with "
+                            + ("python driver.py" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
+                               " driver.py (and as many nodes as before)"))
         optimizer.load_state_dict(resume_from["optimizer"])
         scheduler.load_state_dict(resume_from["scheduler"])
         scaler.load_state_dict(resume_from["scaler"])
         history, best, start = resume_from["history"], resume_from["best"], resume_from["epoch"] + 1
         set_rng_state(resume_from["rng"])
-        remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
+        if is_main():
+            remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
         so_far = f"best so far: epoch {best['epoch']}, {s.select_metric} {best['score']:.4f}" if best["epoch"] else \
             "no epoch finished yet"
         print(f"resuming at epoch {start} of {s.epochs} ({so_far})" if start <= s.epochs else
@@ -237,7 +266,8 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
 
     # last.pt always holds a finished epoch: an interrupted epoch is replayed from its start on resume, which seed_epoch
     # makes exact. Saving mid-epoch would also need the sampler's position and the loader's prefetched batches.
-    resume_hint = f"continue with: python driver.py --resume {shlex.quote(str(out_dir))}"
+    launch = "python driver.py" if world_size() == 1 else "the same torchrun command with driver.py"
+    resume_hint = f"continue with: {launch} --resume {shlex.quote(str(out_dir))}"
     with StopRequest() as stop:
         for epoch in range(start, s.epochs + 1):
             started = time.time()
@@ -252,20 +282,22 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
                 kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {best['epoch']}" * bool(best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
-            row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
-            row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
-            history.append(row)
-            score = row[f"val_{s.select_metric}"]
-            improved = score > best["score"] or not math.isfinite(best["score"])
-            if improved:
-                best = {"score": float(score), "epoch": epoch}
-            state = checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s)
-            if improved:
-                save_checkpoint(out_dir / "best.pt", state)
-            save_checkpoint(out_dir / "last.pt", state)
-            write_csv(out_dir / "history.csv", pd.DataFrame(history))
-            plots.history_plots(pd.DataFrame(history), out_dir)
-            print(epoch_line(row, s.epochs, improved), flush=True)
+            if is_main():
+                row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
+                row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
+                history.append(row)
+                score = row[f"val_{s.select_metric}"]
+                improved = score > best["score"] or not math.isfinite(best["score"])
+                if improved:
+                    best = {"score": float(score), "epoch": epoch}
+                state = checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s)
+                if improved:
+                    save_checkpoint(out_dir / "best.pt", state)
+                save_checkpoint(out_dir / "last.pt", state)
+                write_csv(out_dir / "history.csv", pd.DataFrame(history))
+                plots.history_plots(pd.DataFrame(history), out_dir)
+                print(epoch_line(row, s.epochs, improved), flush=True)
+            barrier()  # the other ranks wait while rank 0 validates and saves
             if stop.signal:  # arrived during validation or saving: this epoch is complete and saved
                 raise UserError(f"stopped by {stop.signal} after epoch {epoch}; last.pt holds epoch {epoch}, "
                                 f"{resume_hint}")

@@ -7,11 +7,13 @@ import os
 import pickle
 import random
 import re
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -69,6 +71,49 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps was asked for, but this machine has no MPS backend; use --device cpu or auto")
     return torch.device(name)
+
+
+# ---------------------------------------------------------------- torchrun (DistributedDataParallel)
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Under torchrun (RANK in the environment): join the process group, NCCL on CUDA, gloo otherwise, and return
+    this process's device (cuda:LOCAL_RANK on GPUs). Other ranks' stdout is silenced so every line prints once."""
+    if "RANK" not in os.environ:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files: the only one, or rank 0 of a torchrun launch."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's `obj` on every rank (`obj` itself on one process)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def autocast_dtype(device: torch.device):
