@@ -97,10 +97,8 @@ def real_rates(s, data, device):
     sync(device)
     train = rate(len(loader) * s.batch_size, time.perf_counter() - start)
     val = eval_loader(data, "train", s, device)
-    evaluate(model, val, device, autocast_dtype(device))
-    start = time.perf_counter()
-    evaluate(model, val, device, autocast_dtype(device))
-    return train, rate(len(val.dataset), time.perf_counter() - start), model
+    seconds = timed(lambda: evaluate(model, val, device, autocast_dtype(device)), 3, device)
+    return train, rate(len(val.dataset), seconds), model
 
 
 class ReferencePipeline(Dataset):
@@ -122,19 +120,24 @@ class ReferencePipeline(Dataset):
 
 
 def input_rates(s, data, device, workers: int) -> dict:
-    """Images/s delivered as augmented float batches on the device, by each pipeline, with no model."""
+    """Images/s delivered as augmented float batches on the device, by each pipeline, with no model.
+
+    Loaders keep their workers between passes (as training does), so process start-up is not counted.
+    """
     augment = BatchAugment().to(device)
 
-    def ours(cache):
+    def ours(cache, n_workers):
         dataset = ImageDataset(np.arange(len(data.paths)), np.zeros(len(data.paths)), data.paths, s.img_size, cache)
-        loader = image_loader(dataset, s.batch_size, device, workers, shuffle=True)
+        loader = image_loader(dataset, s.batch_size, device, n_workers, shuffle=True,
+                              persistent_workers=n_workers > 0)
         return lambda: [augment(to_float(x.to(device))) for x, _ in loader]
 
     reference = DataLoader(ReferencePipeline(data.paths, s.img_size), batch_size=s.batch_size, shuffle=True,
-                           num_workers=workers)
-    runs = {"cached": ours(data.cache), "per-image": ours(None),
-            "reference": lambda: [x.to(device) for x in reference]}
-    return {name: rate(len(data.paths), timed(fn, 1, device)) for name, fn in runs.items()}
+                           num_workers=workers, persistent_workers=workers > 0)
+    runs = {"cached, 0 workers": ours(data.cache, 0), f"cached, {workers} workers": ours(data.cache, workers),
+            f"per-image, {workers} workers": ours(None, workers),
+            f"reference, {workers} workers": lambda: [x.to(device) for x in reference]}
+    return {name: rate(len(data.paths), timed(fn, 3, device)) for name, fn in runs.items()}
 
 
 def peak_memory(device) -> str:
@@ -181,8 +184,11 @@ def main():
     args = p.parse_args()
     root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-"))
     cpu = torch.device("cpu")
-    cases = [("resnet18 64px cpu", dict(backbone="resnet18", img_size=64, batch_size=32, eval_batch_size=128), cpu, 400, 8),
-             ("resnet50 128px cpu", dict(backbone="resnet50", img_size=128, batch_size=32, eval_batch_size=64), cpu, 200, 3)]
+    # (name, settings, device, generated images, bare-model steps)
+    cases = [("resnet18 64px cpu", dict(backbone="resnet18", img_size=64, batch_size=32, eval_batch_size=128),
+              cpu, 400, 8),
+             ("resnet50 128px cpu", dict(backbone="resnet50", img_size=128, batch_size=32, eval_batch_size=64),
+              cpu, 200, 6)]
     if torch.cuda.is_available():
         cases.append(("resnet50 256px cuda bf16", dict(backbone="resnet50", img_size=256, batch_size=128,
                                                        eval_batch_size=512), torch.device("cuda"), 4000, 20))
@@ -199,10 +205,10 @@ def main():
         if name.startswith("resnet18"):
             inputs = input_rates(s, data, device, args.workers)
     print("\n" + "\n".join(rows))
-    ref = inputs["reference"]
+    ref = inputs[f"reference, {args.workers} workers"]
     print(f"\ninput pipeline at 64 px, {args.workers} workers, images/s (ratio to the PIL + torchvision reference):")
     for name, value in inputs.items():
-        print(f"  {name:<10} {value:8.0f}  ({value / ref:.1f}x)")
+        print(f"  {name:<22} {value:8.0f}  ({value / ref:.1f}x)")
     print("\n" + peak_memory(cpu if not torch.cuda.is_available() else torch.device("cuda")))
     if args.scale:
         print(scale_check(root))

@@ -368,8 +368,9 @@ def _whole_batch(batch):
 
 
 def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, **kw) -> DataLoader:
+    kw.setdefault("persistent_workers", workers > 0 and "sampler" in kw)  # training loaders live for many epochs
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_whole_batch,
-                      pin_memory=device.type == "cuda", persistent_workers=workers > 0 and "sampler" in kw, **kw)
+                      pin_memory=device.type == "cuda", **kw)
 
 
 # ---------------------------------------------------------------- the data a run uses
