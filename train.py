@@ -206,12 +206,15 @@ def evaluation_weights(checkpoint: dict) -> dict:
     return checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
 
 
-def moving_average(model, decay: float, resume_from: dict | None = None):
+def moving_average(model, decay: float, total_steps: int, resume_from: dict | None = None):
     """An exponential moving average of the weights and BatchNorm statistics (torch.optim.swa_utils), or None."""
     if not decay:
         return None
     if not 0 < decay < 1:
         raise UserError(f"--ema must be a decay between 0 and 1, e.g. 0.999; got {decay}")
+    decay = min(decay, 1 - 4 / total_steps)  # a short run cannot average over 1/(1-decay) steps: at most a quarter
+    if decay <= 0:
+        return None
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
     if resume_from is not None and resume_from.get("ema") is not None:
         ema.module.load_state_dict(resume_from["ema"])
@@ -239,7 +242,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
     step_model = compiled
     if dist.is_initialized():
         step_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = moving_average(model, s.ema, resume_from)
+    ema = moving_average(model, s.ema, s.epochs * len(loader), resume_from)
     eval_model = ema.module if ema is not None else compiled
     history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
     if resume_from is None:  # epoch 0: a kill during the first epoch can be resumed too

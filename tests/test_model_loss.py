@@ -84,3 +84,17 @@ def test_local_weights_file_is_loaded(tmp_path):
     assert model.normalize_input
     with pytest.raises(UserError, match="does not fit"):
         build_model(Settings(backbone="resnet34", weights=str(tmp_path / "r18.pth")))
+
+
+def test_moving_average_follows_the_weights_in_a_short_run():
+    from train import moving_average
+    model = torch.nn.Linear(2, 1, bias=False)
+    ema = moving_average(model, 0.999, total_steps=20)  # capped: a 0.999 average would stay at the first step
+    for step in range(20):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ema.update_parameters(model)
+    assert ema.module.weight.mean().item() > 14  # follows the recent weights (plain 0.999 would give ~0.2)
+    assert moving_average(model, 0.0, total_steps=20) is None
+    with pytest.raises(UserError, match="between 0 and 1"):
+        moving_average(model, 1.5, total_steps=20)
