@@ -145,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=COUNT, help=f"evaluation batch (default {d.eval_batch_size})")
     g.add_argument("--lr", type=POSITIVE, help=f"peak learning rate of Adam (default {d.lr})")
     g.add_argument("--weight-decay", type=NON_NEGATIVE, help=f"Adam weight decay (default {d.weight_decay})")
-    g.add_argument("--warmup-epochs", type=NON_NEGATIVE, help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
+    g.add_argument("--warmup-epochs", type=NON_NEGATIVE,
+                   help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
     g.add_argument("--ema", type=NON_NEGATIVE, help="keep and evaluate a moving average of the weights with this "
                    f"decay per step; 0 turns it off (default {d.ema})")
     g.add_argument("--select-metric", choices=["pauc", "auroc"], help="validation metric that picks best.pt")

@@ -107,8 +107,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 def print_table(rows, folds):
     fold = rows[-1][1] if rows else 0
-    print(f"\n--- after fold {fold}/{folds} ---\n" + markdown(pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])),
-          flush=True)
+    table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
+    print(f"\n--- after fold {fold}/{folds} ---\n" + markdown(table), flush=True)
 
 
 if __name__ == "__main__":

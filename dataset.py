@@ -264,7 +264,7 @@ def read_splits(path) -> pd.DataFrame:
 # ---------------------------------------------------------------- images
 
 def decode(path, size: int) -> torch.Tensor:
-    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → uint8 RGB (3, size, size): shorter side resized, centre-cropped."""
+    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → RGB uint8 (3, size, size); shorter side resized, centre-cropped."""
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         image = decode_image(data, mode=ImageReadMode.RGB)

@@ -20,8 +20,9 @@ def build_trunk(backbone: str, weights: str) -> tuple[nn.Module, int]:
         try:
             trunk = models.get_model(backbone, weights=chosen)
         except Exception as e:  # offline: URLError, or a socket error wrapped by torch.hub
-            raise UserError(f"could not download ImageNet weights for {backbone} from {chosen.url} ({type(e).__name__}); "
-                            "without internet use --weights none, or --weights PATH to a local copy of that file") from None
+            raise UserError(f"could not download ImageNet weights for {backbone} from {chosen.url} "
+                            f"({type(e).__name__}); without internet use --weights none, "
+                            "or --weights PATH to a local copy of that file") from None
     else:
         trunk = models.get_model(backbone, weights=None)
         if weights != "none":
