@@ -18,7 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ablation import train_and_test
 from baseline import fit_colour_baseline, score_colour_baseline
 from config import Settings, parse_cli, settings_from_cli
-from dataset import find_layout, leakage_groups, load_images, load_metadata, write_splits
+from dataset import _one_group_fold, find_layout, leakage_groups, load_images, load_metadata, write_splits
 from metrics import auroc, partial_auc
 from utils import UserError, write_csv, write_text
 
@@ -36,16 +36,15 @@ def fold_splits(frame: pd.DataFrame, folds: int, seed: int, val_frac: float = 0.
     y = frame["target"].to_numpy()
     outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for rest, test in outer.split(frame, y, groups):
-        inner = StratifiedGroupKFold(n_splits=round((1 - 1 / folds) / val_frac), shuffle=True, random_state=seed)
-        train, val = next(inner.split(rest, y[rest], groups[rest]))
+        train, val = _one_group_fold(rest, y[rest], groups[rest], round((1 - 1 / folds) / val_frac), seed)
         split = np.empty(len(frame), dtype=object)
-        split[rest[train]], split[rest[val]], split[test] = "train", "val", "test"
+        split[train], split[val], split[test] = "train", "val", "test"
         yield split
 
 
 def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, float]:
     train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
-    model = fit_colour_baseline(np.asarray(cache[np.sort(train["row"])]), train.sort_values("row")["target"].to_numpy())
+    model = fit_colour_baseline(np.asarray(cache[train["row"].to_numpy()]), train["target"].to_numpy())
     p = score_colour_baseline(model, np.asarray(cache[test["row"].to_numpy()]))
     return auroc(test["target"], p), partial_auc(test["target"], p)
 

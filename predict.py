@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from sklearn.neighbors import NearestNeighbors
 from torch import nn
 
 import plots
-from config import Settings
+from config import COUNT, SEED, Parser, Settings
 from dataset import (IMAGE_EXTENSIONS, ImageDataset, find_layout, image_loader, load_images, load_metadata,
                      prepare_data, read_splits, to_float)
 from metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
@@ -299,7 +298,7 @@ def predict_dataset(data_dir, csv, image_dir, out_dir, s, model, device, thresho
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate or apply a saved run.")
+    p = Parser(description="Evaluate or apply a saved run.")
     p.add_argument("--run", required=True, help="run folder written by driver.py")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split of the run to evaluate")
     p.add_argument("--data-dir", help="another labelled dataset (same layouts as driver.py): score every row")
@@ -308,10 +307,10 @@ def parse_args(argv=None):
     p.add_argument("--images", help="a folder of unlabelled images: write probabilities only")
     p.add_argument("--out", help="where --data-dir/--images results go (default: RUN/predict-<folder name>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
-    p.add_argument("--workers", type=int, help="data loader workers (default: the run's)")
+    p.add_argument("--workers", type=SEED, help="data loader workers (default: the run's)")
     p.add_argument("--tta", action="store_true",
                    help="also score with test-time augmentation (8 flips/rotations averaged); val/test splits only")
-    p.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
+    p.add_argument("--bootstrap", type=COUNT, default=BOOTSTRAP,
                    help=f"bootstrap resamples for the 95%% confidence intervals (default {BOOTSTRAP})")
     return p.parse_args(argv)
 
