@@ -5,7 +5,7 @@
 The split is made once (driver.py --check-data, from --seed, default 42) and given to every run with --splits,
 so only the training seed changes. Each run is an ordinary run folder (OUT/<variant>-seed<N>) that predict.py can
 re-evaluate. The contrastive-only model (--w-bce 0) has an untrained head, so it is scored by kNN on its embeddings
-and evaluated from its last epoch: best.pt is picked by the head's validation metric, which means nothing for it.
+and evaluated from its last epoch (--select-metric last): the head's validation metric means nothing for it.
 Prints mean ± std over seeds of test AUROC and pAUC for each variant and scorer; every number goes to OUT/ablation.csv.
 """
 from __future__ import annotations
@@ -18,27 +18,22 @@ from pathlib import Path
 import pandas as pd
 
 from config import parse_cli
-from dataset import prepare_data
 from driver import run
-from predict import evaluate_run, load_run
-from utils import UserError, pick_device, write_csv
+from utils import UserError, write_csv
 
+# Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
+CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
 # name → (loss weights, scorers reported); the head of a model trained without BCE is not a classifier
 VARIANTS = {
     "bce-only": ({"w_cl": 0.0}, ["head", "knn", "prototype"]),
-    "contrastive+knn": ({"w_bce": 0.0}, ["knn", "prototype"]),
+    "contrastive+knn": (CONTRASTIVE_ONLY, ["knn", "prototype"]),
     "joint": ({}, ["head", "knn", "prototype"]),
 }
 
 
 def train_and_test(given: dict) -> dict:
-    """One driver.py run; its test metrics (re-evaluated from last.pt when the head was not trained)."""
-    out = run(given)
-    if given.get("w_bce") != 0:
-        return json.loads((out / "test" / "metrics.json").read_text())
-    device = pick_device(given.get("device", "auto"))
-    s, model = load_run(out, device, checkpoint="last.pt")
-    return evaluate_run(out, s, model, prepare_data(s, splits_path=out / "splits.csv"), device)
+    """One driver.py run; its test metrics."""
+    return json.loads((run(given) / "test" / "metrics.json").read_text())
 
 
 def ablation(given: dict, seeds, out: Path) -> pd.DataFrame:

@@ -42,9 +42,10 @@ class Settings:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     ema: float = 0.999                    # decay of an exponential moving average of the weights; 0 = none
-    select_metric: str = "pauc"           # pauc | auroc
+    select_metric: str = "pauc"           # pauc | auroc | last (the final epoch)
     # evaluation
     tsne: bool = True
+    tta: bool = False                     # also score val/test averaged over the 8 flips and right-angle rotations
     # run
     out: Optional[str] = None
     seed: int = 42
@@ -149,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
     g.add_argument("--ema", type=NON_NEGATIVE, help="keep and evaluate a moving average of the weights with this "
                    f"decay per step; 0 turns it off (default {d.ema})")
-    g.add_argument("--select-metric", choices=["pauc", "auroc"], help="validation metric that picks best.pt")
+    g.add_argument("--select-metric", choices=["pauc", "auroc", "last"],
+                   help="validation metric that picks best.pt, or 'last' for the final epoch's weights "
+                   f"(default {d.select_metric})")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run folder (default: a new folder under runs/)")
     g.add_argument("--seed", type=SEED, help=f"seed for split, sampler and weights (default {d.seed})")
@@ -160,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: SyncBatchNorm, BatchNorm statistics over every process's batch")
     g.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panel of embeddings.png")
+    g.add_argument("--tta", action="store_true", help="also evaluate val/test with 8-fold flip/rotation test-time "
+                   "augmentation (metrics.json 'tta'; 8x the evaluation time)")
     g.add_argument("--resume", help="continue the interrupted run in this folder")
     g.add_argument("--overwrite", action="store_true", help="replace an existing run folder given by --out")
     g.add_argument("--check-data", action="store_true",

@@ -8,6 +8,7 @@ validation (threshold and best epoch are chosen there). Every method sees exactl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,17 +16,18 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from ablation import train_and_test
+from ablation import CONTRASTIVE_ONLY, train_and_test
 from baseline import fit_colour_baseline, score_colour_baseline
 from config import Settings, parse_cli, settings_from_cli
-from dataset import _one_group_fold, find_layout, leakage_groups, load_images, load_metadata, write_splits
+from dataset import (_one_group_fold, find_layout, leakage_groups, load_images, load_metadata, read_splits,
+                     write_splits)
 from metrics import auroc, partial_auc
 from utils import UserError, write_csv, write_text
 
 # key → (name in the table, flags for driver.py, which scorer of test/metrics.json to read)
 METHODS = {
     "bce": ("BCE only", {"w_cl": 0.0}, "head"),
-    "knn": ("contrastive + kNN", {"w_bce": 0.0}, "knn"),
+    "knn": ("contrastive + kNN", CONTRASTIVE_ONLY, "knn"),
     "joint": ("joint (BCE + contrastive)", {}, "head"),
 }
 
@@ -42,6 +44,26 @@ def fold_splits(frame: pd.DataFrame, folds: int, seed: int, val_frac: float = 0.
         yield split
 
 
+# Settings that say where things are or how fast they run, not what is computed.
+WHERE_AND_HOW_FAST = {"data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir", "out", "overwrite",
+                      "resume", "workers", "device", "versions"}
+
+
+def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
+    """The test metrics of a fold run that already finished with these settings on this fold, else None."""
+    config, metrics = run_dir / "config.json", run_dir / "test" / "metrics.json"
+    if not (config.is_file() and metrics.is_file()):
+        return None
+    wanted, done = settings_from_cli(given).to_dict(), json.loads(config.read_text())
+    if any(done.get(k) != v for k, v in wanted.items() if k not in WHERE_AND_HOW_FAST):
+        return None
+    same_fold = read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(
+        read_splits(splits_csv)[["isic_id", "split"]])
+    if same_fold:
+        print(f"reusing {run_dir} (finished with the same settings on this fold)", flush=True)
+    return json.loads(metrics.read_text()) if same_fold else None
+
+
 def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, float]:
     train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
     model = fit_colour_baseline(np.asarray(cache[train["row"].to_numpy()]), train["target"].to_numpy())
@@ -54,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
     p.add_argument("--methods", default="baseline,bce,knn,joint", help="comma-separated subset of the default")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
+                   "methods to a table)")
     args, driver_flags = p.parse_known_args(argv)
     try:
         return run(args, driver_flags)
@@ -81,17 +106,19 @@ def run(args, driver_flags) -> int:
         write_splits(frame, splits_csv)
         if "baseline" in wanted:
             rows.append(("colour baseline", fold, *colour_baseline(frame, cache)))
-        for key, (name, flags, which) in METHODS.items():
+        for key, (name, method_flags, which) in METHODS.items():
             if key not in wanted:
                 continue
             run_dir = out / f"fold{fold}" / key
-            metrics = train_and_test({**given, **flags, "splits": str(splits_csv), "out": str(run_dir),
-                                      "overwrite": True})["scorers"][which]
+            run_flags = {**given, **method_flags, "splits": str(splits_csv), "out": str(run_dir), "overwrite": True}
+            result = (args.resume and finished_run(run_dir, run_flags, splits_csv)) or train_and_test(run_flags)
+            metrics = result.get("tta", result)["scorers"][which]  # with --tta the table is of the TTA scores
             rows.append((name, fold, metrics["auroc"], metrics["pauc"]))
         print_table(rows, args.folds)
     table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
     write_csv(out / "crossval.csv", table)
-    write_text(out / "crossval.md", markdown(table))
+    flags = " ".join(driver_flags) + (" (AUROC and pAUC with test-time augmentation)" if s.tta else "")
+    write_text(out / "crossval.md", f"driver.py flags: {flags}\n\n{markdown(table)}")
     print(f"\n{markdown(table)}\nper-fold results: {out / 'crossval.csv'}")
     return 0
 

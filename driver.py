@@ -86,7 +86,7 @@ def run(given: dict) -> Path:
         return out  # rank 0 evaluates val and test alone, with the whole model
 
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
-    metrics = evaluate_run(out, s, model, data, device)
+    metrics = evaluate_run(out, s, model, data, device, s.tta)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")
     return out

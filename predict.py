@@ -107,7 +107,7 @@ def scoring(pred: Predictions, reference: Predictions | None, s, chosen: dict | 
     train, query = embedding_space(reference.embeddings, s), embedding_space(pred.embeddings, s)
     if chosen is None:
         by_k = knn_scores(train, reference.targets, query, K_GRID)
-        metric = partial_auc if s.select_metric == "pauc" else auroc
+        metric = auroc if s.select_metric == "auroc" else partial_auc
         k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
     else:
         k = chosen["scorers"]["knn"]["k"]
@@ -338,10 +338,11 @@ def main(argv=None) -> int:
                 print(summary_line(m, out_dir))
             return 0
         data = prepare_data(s, run_dir, splits_path=run_dir / "splits.csv")
-        if args.split == "test" and needs_val(run_dir, args.tta):
-            metrics = evaluate_run(run_dir, s, model, data, device, args.tta, args.bootstrap)
+        tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
+        if args.split == "test" and needs_val(run_dir, tta):
+            metrics = evaluate_run(run_dir, s, model, data, device, tta, args.bootstrap)
         else:
-            metrics = evaluate_split(run_dir, args.split, s, model, data, device, args.tta, args.bootstrap)
+            metrics = evaluate_split(run_dir, args.split, s, model, data, device, tta, args.bootstrap)
         print(summary_line(metrics, run_dir / args.split))
         return 0
     except UserError as e:

@@ -263,7 +263,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
         if is_main():
             remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
         so_far = f"best so far: epoch {best['epoch']}, {s.select_metric} {best['score']:.4f}" if best["epoch"] else \
-            "no epoch finished yet"
+            f"{start - 1} epochs done"
         print(f"resuming at epoch {start} of {s.epochs} ({so_far})" if start <= s.epochs else
               f"resuming: all {s.epochs} epochs were done, evaluating")
 
@@ -289,8 +289,11 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
                 row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
                 row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
                 history.append(row)
-                score = row[f"val_{s.select_metric}"]
-                improved = score > best["score"] or not math.isfinite(best["score"])
+                if s.select_metric == "last":  # best.pt = the final weights, whatever a small val split says
+                    score, improved = row["val_pauc"], epoch == s.epochs
+                else:
+                    score = row[f"val_{s.select_metric}"]
+                    improved = score > best["score"] or not math.isfinite(best["score"])
                 if improved:
                     best = {"score": float(score), "epoch": epoch}
                 state = checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s)

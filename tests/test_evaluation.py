@@ -125,13 +125,16 @@ def test_tta_of_a_flip_and_rotation_invariant_image_equals_the_plain_prediction(
 def test_tiny_run_writes_calibration_pr_gallery_and_tta(tmp_path, capsys):
     data, out = make_dataset(tmp_path / "data", n_images=80, malignant_rate=0.3, size=36, seed=2), tmp_path / "r"
     result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                             "--cache-dir", str(tmp_path / "cache"), *TINY], capture_output=True, text=True, cwd=ROOT)
+                             "--cache-dir", str(tmp_path / "cache"), "--tta", *TINY],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "kNN (k=" in result.stdout and "prototype" in result.stdout
+    assert "kNN (k=" in result.stdout and "prototype" in result.stdout and "head, TTA" in result.stdout
     for name in ("calibration.png", "pr.png", "gallery.png", "roc.png"):
         assert (out / "test" / name).stat().st_size > 1000, name
-    assert predict.main(["--run", str(out), "--tta", "--bootstrap", "200", "--workers", "0"]) == 0  # in-process: faster
+    written = (out / "test" / "metrics.json").read_text()
+    assert predict.main(["--run", str(out), "--workers", "0"]) == 0  # in-process: faster; TTA from the run's config
     assert "head, TTA" in capsys.readouterr().out
+    assert (out / "test" / "metrics.json").read_text() == written
     m = json.loads((out / "test" / "metrics.json").read_text())
     for view in (m, m["tta"]):
         assert set(view["scorers"]) == {"head", "knn", "prototype"}
@@ -139,7 +142,7 @@ def test_tiny_run_writes_calibration_pr_gallery_and_tta(tmp_path, capsys):
             assert r["auroc_ci95"][0] - 1e-9 <= r["auroc"] <= r["auroc_ci95"][1] + 1e-9
             assert r["pauc_ci95"][0] - 1e-9 <= r["pauc"] <= r["pauc_ci95"][1] + 1e-9  # a tied scorer: all 0.02
     assert m["scorers"]["knn"]["k"] == json.loads((out / "val" / "metrics.json").read_text())["scorers"]["knn"]["k"]
-    assert m["bootstrap"]["resamples"] == 200 and m["bootstrap"]["unit"] == "patient"
+    assert m["bootstrap"]["resamples"] == 1000 and m["bootstrap"]["unit"] == "patient"
     assert 0 <= m["calibration"]["ece"] <= 1 and 0 <= m["calibration"]["brier"] <= 1
     p = pd.read_csv(out / "test" / "predictions.csv")
     prevalence = m["calibration"]["train_prevalence"]

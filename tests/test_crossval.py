@@ -1,0 +1,78 @@
+"""crossval.py: patient-disjoint folds, every method on the same folds, one table, and --resume reusing finished runs."""
+import json
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import crossval
+from dataset import find_layout, load_metadata
+
+TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
+        "--embedding-dim", "16", "--no-tsne"]
+
+
+def test_each_image_is_tested_once_and_no_patient_straddles_a_fold_split(tiny_data):
+    frame = load_metadata(find_layout(tiny_data, None, None)[0])
+    tested = np.zeros(len(frame), dtype=int)
+    for split in crossval.fold_splits(frame, 4, seed=0):
+        assert set(split) == {"train", "val", "test"}
+        patients = {name: set(frame.loc[split == name, "patient_id"]) for name in ("train", "val", "test")}
+        for a, b in combinations(patients.values(), 2):
+            assert not a & b
+        tested += split == "test"
+    assert (tested == 1).all()
+
+
+@pytest.fixture(scope="module")
+def cv(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv")
+    driver_flags = ["--data-dir", str(tiny_data), "--cache-dir", str(tmp_path_factory.mktemp("cache")), *TINY]
+    args = ["--folds", "2", "--cv-out", str(out), "--methods", "baseline,knn,joint", *driver_flags]
+    assert crossval.main(args) == 0
+    return out, args, driver_flags
+
+
+def test_table_holds_every_method_on_the_same_folds(cv):
+    out, *_ = cv
+    table = pd.read_csv(out / "crossval.csv")
+    assert sorted(table.groupby("method")["fold"].apply(sorted).tolist()) == [[1, 2]] * 3
+    assert table["auroc"].between(0, 1).all() and table["pauc"].between(0, 0.2).all()
+    assert "| joint (BCE + contrastive) |" in (out / "crossval.md").read_text()
+    assert "--epochs 2" in (out / "crossval.md").read_text()
+    for fold in (1, 2):
+        fold_split = pd.read_csv(out / f"fold{fold}" / "splits.csv")
+        for method in ("knn", "joint"):
+            run_split = pd.read_csv(out / f"fold{fold}" / method / "splits.csv")
+            assert run_split[["isic_id", "split"]].equals(fold_split[["isic_id", "split"]])
+
+
+def test_contrastive_only_run_is_scored_on_its_final_weights(cv):
+    out, *_ = cv
+    run = out / "fold1" / "knn"
+    config = json.loads((run / "config.json").read_text())
+    assert config["w_bce"] == 0 and config["select_metric"] == "last"
+    best, last = (torch.load(run / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    assert best["epoch"] == last["epoch"] == 2
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_resume_reuses_finished_runs_with_the_same_settings(cv, capsys):
+    out, args, _ = cv
+    before = (out / "crossval.csv").read_text()
+    saved = (out / "fold1" / "joint" / "best.pt").stat().st_mtime_ns
+    assert crossval.main([*args, "--resume"]) == 0
+    assert capsys.readouterr().out.count("reusing") == 4
+    assert (out / "crossval.csv").read_text() == before
+    assert (out / "fold1" / "joint" / "best.pt").stat().st_mtime_ns == saved
+
+
+def test_resume_does_not_reuse_a_run_with_other_settings(cv):
+    out, _, driver_flags = cv
+    given = crossval.parse_cli(driver_flags)
+    run, splits = out / "fold1" / "joint", out / "fold1" / "splits.csv"
+    assert crossval.finished_run(run, {**given, "splits": str(splits)}, splits) is not None
+    assert crossval.finished_run(run, {**given, "splits": str(splits), "epochs": 3}, splits) is None
+    assert crossval.finished_run(out / "fold2" / "joint", {**given, "splits": str(splits)}, splits) is None
