@@ -50,9 +50,9 @@ def sync(device):
 
 
 def bare_train_rate(model, s, device, steps: int) -> float:
-    """The ceiling: forward, backward and Adam step of the same network on tensors already on the device."""
+    """The ceiling: forward, backward and AdamW step of the same network on tensors already on the device."""
     model = copy.deepcopy(model).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.rand(s.batch_size, 3, s.img_size, s.img_size, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.arange(s.batch_size, device=device) % 2).float()
     amp = autocast_dtype(device)

@@ -51,8 +51,14 @@ def build_loss(s) -> JointLoss:
 
 
 def build_optimizer(model, s, steps_per_epoch: int):
-    """Adam with a linear warm-up to --lr, then cosine decay to zero over the remaining steps."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    """AdamW with a linear warm-up to --lr, then cosine decay to zero over the remaining steps.
+
+    Weight decay applies to weight matrices and convolution kernels only: shrinking BatchNorm scales and biases
+    towards zero regularises nothing useful."""
+    matrices = [p for p in model.parameters() if p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": s.weight_decay},
+                                   {"params": vectors, "weight_decay": 0.0}], lr=s.lr)
     warmup = max(1, round(s.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, s.epochs * steps_per_epoch)
 
@@ -255,7 +261,11 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dic
             raise UserError(f"{out_dir} was trained by {trained_on} process(es), not {world_size()}: resume it with "
                             + ("python driver.py" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
                                " driver.py (and as many nodes as before)"))
-        optimizer.load_state_dict(resume_from["optimizer"])
+        try:
+            optimizer.load_state_dict(resume_from["optimizer"])
+        except ValueError:  # saved with another optimizer layout (a version before AdamW's two parameter groups)
+            raise UserError(f"{out_dir}/last.pt was written by an older version of this pipeline and cannot be "
+                            "resumed by this one; its best.pt still evaluates with predict.py") from None
         scheduler.load_state_dict(resume_from["scheduler"])
         scaler.load_state_dict(resume_from["scaler"])
         history, best, start = resume_from["history"], resume_from["best"], resume_from["epoch"] + 1
