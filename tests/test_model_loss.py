@@ -65,6 +65,19 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert lrs[0] < lrs[4] == pytest.approx(0.1) and lrs[-1] < 0.01 and scheduler.get_last_lr()[0] == pytest.approx(0)
 
 
+def test_weight_decay_shrinks_weights_but_not_batchnorm_or_biases():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    s = Settings(epochs=1, lr=0.1, weight_decay=0.5, warmup_epochs=0)
+    optimizer, _ = build_optimizer(model, s, steps_per_epoch=10)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: AdamW moves a parameter only by its decay, lr * wd * p
+    optimizer.step()
+    weight, bias, bn_weight, bn_bias = model.parameters()
+    assert torch.allclose(weight, before[0] * (1 - 0.1 * 0.5))
+    assert torch.equal(bias, before[1]) and torch.equal(bn_weight, before[2]) and torch.equal(bn_bias, before[3])
+
+
 def test_imagenet_weights_offline_fail_with_one_clear_line(monkeypatch):
     import torchvision.models as models
 
