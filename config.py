@@ -88,7 +88,7 @@ def _number(kind, low, name):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be {name}; got {text}")
         return value

@@ -3,7 +3,9 @@
     python crossval.py --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
 
 Each fold holds out a disjoint set of patients as its test split; the rest is split again by patient into train and
-validation (threshold and best epoch are chosen there). Every method sees exactly the same folds.
+validation (the threshold, kNN's k and, unless --select-metric last, the epoch are chosen there). Every method sees
+exactly the same folds. Every other flag goes to driver.py; with --tta (on in --profile cpu) the table is of the
+test-time-augmented scores. --resume reuses fold runs that finished with the same settings.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from ablation import CONTRASTIVE_ONLY, train_and_test
 from baseline import fit_colour_baseline, score_colour_baseline
-from config import Settings, parse_cli, settings_from_cli
+from config import COUNT, Parser, Settings, parse_cli, settings_from_cli
 from dataset import (_one_group_fold, find_layout, leakage_groups, load_images, load_metadata, read_splits,
                      write_splits)
 from metrics import auroc, partial_auc
@@ -72,8 +74,8 @@ def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, floa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--folds", type=int, default=5)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folds", type=COUNT, default=5, help="number of patient-grouped folds, at least 2 (default 5)")
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
     p.add_argument("--methods", default="baseline,bce,knn,joint", help="comma-separated subset of the default")
     p.add_argument("--resume", action="store_true",
@@ -88,6 +90,8 @@ def main(argv=None) -> int:
 
 
 def run(args, driver_flags) -> int:
+    if args.folds < 2:
+        raise UserError("--folds must be at least 2: each fold is the test split once")
     given = parse_cli(driver_flags)
     s: Settings = settings_from_cli(given)
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)

@@ -76,3 +76,8 @@ def test_resume_does_not_reuse_a_run_with_other_settings(cv):
     assert crossval.finished_run(run, {**given, "splits": str(splits)}, splits) is not None
     assert crossval.finished_run(run, {**given, "splits": str(splits), "epochs": 3}, splits) is None
     assert crossval.finished_run(out / "fold2" / "joint", {**given, "splits": str(splits)}, splits) is None
+
+
+def test_fewer_than_two_folds_is_one_clear_error(capsys):
+    assert crossval.main(["--folds", "1"]) == 2
+    assert capsys.readouterr().err == "error: --folds must be at least 2: each fold is the test split once\n"
