@@ -21,8 +21,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from ablation import CONTRASTIVE_ONLY, train_and_test
 from baseline import fit_colour_baseline, score_colour_baseline
 from config import COUNT, Parser, Settings, parse_cli, settings_from_cli
-from dataset import (_one_group_fold, find_layout, leakage_groups, load_images, load_metadata, read_splits,
-                     write_splits)
+from dataset import (_one_group_fold, find_layout, leakage_groups, load_duplicates, load_images, load_metadata,
+                     read_splits, split_unit, write_splits)
 from metrics import auroc, partial_auc
 from utils import UserError, write_csv, write_text
 
@@ -34,9 +34,9 @@ METHODS = {
 }
 
 
-def fold_splits(frame: pd.DataFrame, folds: int, seed: int, val_frac: float = 0.15):
-    """Yield one split column per fold: test = that fold's patients; val/train split the rest by patient."""
-    groups = leakage_groups(frame)
+def fold_splits(frame: pd.DataFrame, groups: np.ndarray, folds: int, seed: int, val_frac: float = 0.15):
+    """Yield one split column per fold: test = that fold's leakage groups (patients, duplicate pairs); val/train
+    split the rest by group."""
     y = frame["target"].to_numpy()
     outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     for rest, test in outer.split(frame, y, groups):
@@ -104,7 +104,9 @@ def run(args, driver_flags) -> int:
         raise UserError(f"unknown --methods {', '.join(sorted(unknown))}: choose from baseline, {', '.join(METHODS)}")
     out = Path(args.cv_out)
     rows = []
-    for fold, split in enumerate(fold_splits(frame, args.folds, s.seed), start=1):
+    pairs = load_duplicates(s.duplicates) if s.duplicates else []
+    frame["group"], frame["split_by"] = leakage_groups(frame, pairs), split_unit(frame, "patient", pairs)
+    for fold, split in enumerate(fold_splits(frame, frame["group"].to_numpy(), args.folds, s.seed), start=1):
         frame["split"] = split
         splits_csv = out / f"fold{fold}" / "splits.csv"
         write_splits(frame, splits_csv)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import crossval
-from dataset import find_layout, load_metadata
+from dataset import find_layout, leakage_groups, load_metadata
 
 TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
         "--embedding-dim", "16", "--no-tsne"]
@@ -17,13 +17,22 @@ TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-
 def test_each_image_is_tested_once_and_no_patient_straddles_a_fold_split(tiny_data):
     frame = load_metadata(find_layout(tiny_data, None, None)[0])
     tested = np.zeros(len(frame), dtype=int)
-    for split in crossval.fold_splits(frame, 4, seed=0):
+    for split in crossval.fold_splits(frame, leakage_groups(frame), 4, seed=0):
         assert set(split) == {"train", "val", "test"}
         patients = {name: set(frame.loc[split == name, "patient_id"]) for name in ("train", "val", "test")}
         for a, b in combinations(patients.values(), 2):
             assert not a & b
         tested += split == "test"
     assert (tested == 1).all()
+
+
+def test_duplicate_pairs_across_patients_stay_in_one_split_of_every_fold(tiny_data):
+    frame = load_metadata(find_layout(tiny_data, None, None)[0])
+    first_of_patient = frame.drop_duplicates("patient_id")["isic_id"].tolist()
+    pairs = list(zip(first_of_patient[0:20:2], first_of_patient[1:20:2]))  # ten pairs, each of two patients
+    index = {image: i for i, image in enumerate(frame["isic_id"])}
+    for split in crossval.fold_splits(frame, leakage_groups(frame, pairs), 4, seed=0):
+        assert all(split[index[a]] == split[index[b]] for a, b in pairs)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +51,7 @@ def test_table_holds_every_method_on_the_same_folds(cv):
     assert table["auroc"].between(0, 1).all() and table["pauc"].between(0, 0.2).all()
     assert "| joint (BCE + contrastive) |" in (out / "crossval.md").read_text()
     assert "--epochs 2" in (out / "crossval.md").read_text()
+    assert (pd.read_csv(out / "fold1" / "splits.csv")["split_by"] == "patient").all()
     for fold in (1, 2):
         fold_split = pd.read_csv(out / f"fold{fold}" / "splits.csv")
         for method in ("knn", "joint"):
