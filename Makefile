@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench crossval clean
+.PHONY: demo test test-fast bench crossval clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,12 +16,15 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+test-fast: $(VENV)/.installed  # everything but the tests that train (marked slow)
+	$(PY) -m pytest -q -m "not slow" tests
+
 bench: $(VENV)/.installed
-	$(PY) bench.py
+	$(PY) -m experiments.bench
 
 SAMPLE ?= ../shared/data/isic2020-sample
 crossval: $(VENV)/.installed
-	$(PY) crossval.py --data-dir $(SAMPLE) --profile cpu --no-tsne --cv-out runs/crossval
+	$(PY) -m experiments.crossval --data-dir $(SAMPLE) --profile cpu --no-tsne --cv-out runs/crossval
 
 clean:
 	rm -rf runs cache data/demo

@@ -1,74 +1,18 @@
-"""The one settings object: every step reads it, the CLI fills it, the run folder keeps it as config.json."""
+"""The one settings object: every step reads it, the CLI fills it, the run folder keeps it as config.json.
+
+Each setting is declared once, as a field of `Settings`: its default, help text, flag, type or choices, argparse
+group, whether it may change on --resume and whether it changes what a run computes. The command line, RESUMABLE
+and NOT_OUTCOME are all derived from those fields.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-
-@dataclass
-class Settings:
-    # data
-    data_dir: Optional[str] = None        # folder in a known ISIC layout (see dataset.find_layout)
-    csv: Optional[str] = None             # or: a metadata CSV ...
-    image_dir: Optional[str] = None       # ... and the folder holding its images
-    duplicates: Optional[str] = None      # ISIC_2020_Training_Duplicates.csv: pairs kept on one side of the split
-    split_by: str = "patient"             # patient | image
-    splits: Optional[str] = None          # reuse this splits.csv instead of making a split (e.g. cross-validation)
-    val_frac: float = 0.15
-    test_frac: float = 0.10
-    img_size: int = 256
-    cache_dir: str = "cache"              # decoded uint8 images, memory-mapped, reused across runs
-    no_cache: bool = False
-    skip_bad_images: bool = False
-    workers: int = min(4, os.cpu_count() or 1)
-    # model
-    backbone: str = "resnet50"
-    weights: str = "none"                 # none | imagenet | PATH to a .pth state dict of the trunk
-    embedding_dim: int = 64
-    # loss
-    w_bce: float = 1.0
-    w_cl: float = 1.0
-    pos_margin: float = 0.0
-    neg_margin: float = 1.0
-    normalize_embeddings: bool = True
-    # optimisation
-    epochs: int = 15
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 0.05            # AdamW (decoupled); not on BatchNorm weights or biases
-    warmup_epochs: float = 1.0
-    ema: float = 0.999                    # decay of an exponential moving average of the weights; 0 = none
-    select_metric: str = "pauc"           # pauc | auroc | last (the final epoch)
-    # evaluation
-    tsne: bool = True
-    tta: bool = False                     # also score val/test averaged over the 8 flips and right-angle rotations
-    # run
-    out: Optional[str] = None
-    seed: int = 42
-    device: str = "auto"                  # auto | cpu | cuda | mps
-    deterministic: Optional[bool] = None  # None: on for CPU, off for GPU
-    compile: bool = False
-    sync_bn: bool = False                 # under torchrun: BatchNorm statistics over the global batch (CUDA only)
-    resume: Optional[str] = None
-    overwrite: bool = False
-    check_data: bool = False
-    check_images: bool = False
-    demo: bool = False
-    profile: str = "default"
-    versions: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Settings":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
+GROUPS = ("data", "model", "loss", "optimisation", "run")
 
 # Profiles change the defaults; flags given on the command line still win.
 PROFILES = {
@@ -101,6 +45,124 @@ POSITIVE = _number(float, 1e-300, "positive")
 NON_NEGATIVE = _number(float, 0.0, "0 or more")
 
 
+def setting(default=None, help=None, *, group=None, type=None, choices=None, flag=None, action=None,
+            resumable=False, outcome=True, factory=None):
+    """A Settings field with everything the command line needs to know about it.
+
+    help: "{default}" in it becomes the default; a setting without help has no flag.
+    flag: the option string, by default --name-with-dashes (the value always lands in the field's name).
+    resumable: may be given again with --resume (everything else comes from the run's config.json).
+    outcome: False for settings that only say where things are or how fast they run, not what is computed.
+    """
+    metadata = dict(help=help, group=group, type=type, choices=choices, flag=flag, action=action,
+                    resumable=resumable, outcome=outcome)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class Settings:
+    # data
+    data_dir: Optional[str] = setting(None, "dataset folder, e.g. the Kaggle 'ISIC 2020 JPG 256x256 RESIZED' layout",
+                                      group="data", outcome=False)  # a known layout, see dataset.find_layout
+    csv: Optional[str] = setting(None, "metadata CSV (isic_id or image_name, patient_id, target); use with --image-dir",
+                                 group="data", outcome=False)
+    image_dir: Optional[str] = setting(None, "folder with <id>.jpg/.jpeg/.png images; use with --csv",
+                                       group="data", outcome=False)
+    duplicates: Optional[str] = setting(None, "CSV of duplicate pairs (image_name_1, image_name_2) kept in one split",
+                                        group="data", outcome=False)
+    splits: Optional[str] = setting(None, "use this splits.csv (isic_id, split) instead of making a new split",
+                                    group="data", outcome=False)  # e.g. cross-validation's folds
+    split_by: str = setting("patient", "leakage-free split unit (default {default})", group="data",
+                            choices=["patient", "image"])
+    val_frac: float = setting(0.15, "validation fraction (default {default})", group="data", type=float)
+    test_frac: float = setting(0.10, "test fraction (default {default})", group="data", type=float)
+    img_size: int = setting(256, "square image side in pixels (default {default})", group="data", type=COUNT)
+    # decoded uint8 images, memory-mapped, reused across runs
+    cache_dir: str = setting("cache", "where decoded images are cached (default {default})", group="data",
+                             resumable=True, outcome=False)
+    no_cache: bool = setting(False, "decode images on the fly instead of caching them", group="data",
+                             action="store_true")
+    skip_bad_images: bool = setting(False, "drop unreadable images instead of stopping", group="data",
+                                    action="store_true")
+    workers: int = setting(min(4, os.cpu_count() or 1), "data loader worker processes (default {default})",
+                           group="data", type=SEED, resumable=True, outcome=False)
+    # model
+    backbone: str = setting("resnet50", "trunk (default {default})", group="model",
+                            choices=["resnet18", "resnet34", "resnet50"])
+    weights: str = setting("none", "none | imagenet | PATH to a trunk state dict (default {default})", group="model")
+    embedding_dim: int = setting(64, "embedding size (default {default})", group="model", type=COUNT)
+    # loss
+    w_bce: float = setting(1.0, "weight of the BCE term (default {default})", group="loss", type=NON_NEGATIVE)
+    w_cl: float = setting(1.0, "weight of the contrastive term (default {default})", group="loss", type=NON_NEGATIVE)
+    pos_margin: float = setting(0.0, "contrastive positive margin (default {default})", group="loss",
+                                type=NON_NEGATIVE)
+    neg_margin: float = setting(1.0, "contrastive negative margin (default {default})", group="loss",
+                                type=NON_NEGATIVE)
+    normalize_embeddings: bool = setting(True, "use raw instead of L2-normalised embeddings in the contrastive "
+                                         "distance", group="loss", flag="--no-normalize-embeddings",
+                                         action="store_false")
+    # optimisation
+    epochs: int = setting(15, "epochs (default {default})", group="optimisation", type=COUNT)
+    batch_size: int = setting(64, "training batch, half benign half malignant; per process under torchrun "
+                              "(default {default})", group="optimisation", type=COUNT)
+    eval_batch_size: int = setting(256, "evaluation batch (default {default})", group="optimisation", type=COUNT)
+    lr: float = setting(3e-4, "peak learning rate of AdamW (default {default})", group="optimisation", type=POSITIVE)
+    # AdamW (decoupled); not on BatchNorm weights or biases
+    weight_decay: float = setting(0.05, "AdamW weight decay of weight matrices and kernels (default {default})",
+                                  group="optimisation", type=NON_NEGATIVE)
+    warmup_epochs: float = setting(1.0, "linear warm-up before cosine decay (default {default})",
+                                   group="optimisation", type=NON_NEGATIVE)
+    ema: float = setting(0.999, "keep and evaluate a moving average of the weights with this decay per step; "
+                         "0 turns it off (default {default})", group="optimisation", type=NON_NEGATIVE)
+    select_metric: str = setting("pauc", "validation metric that picks best.pt, or 'last' for the final epoch's "
+                                 "weights (default {default})", group="optimisation", choices=["pauc", "auroc", "last"])
+    # run
+    out: Optional[str] = setting(None, "run folder (default: a new folder under runs/)", group="run", outcome=False)
+    seed: int = setting(42, "seed for split, sampler and weights (default {default})", group="run", type=SEED)
+    device: str = setting("auto", "compute device (default {default})", group="run",
+                          choices=["auto", "cpu", "cuda", "mps"], resumable=True, outcome=False)
+    deterministic: Optional[bool] = setting(None, "repeatable kernels (default: on for CPU, off on GPU)", group="run",
+                                            action=argparse.BooleanOptionalAction)
+    compile: bool = setting(False, "torch.compile the model", group="run", action="store_true")
+    sync_bn: bool = setting(False, "under torchrun on GPUs: SyncBatchNorm, BatchNorm statistics over every "
+                            "process's batch", group="run", action="store_true")
+    tsne: bool = setting(True, "skip the t-SNE panel of embeddings.png", group="run", flag="--no-tsne",
+                         action="store_false")
+    tta: bool = setting(False, "also evaluate val/test with 8-fold flip/rotation test-time augmentation "
+                        "(metrics.json 'tta'; 8x the evaluation time)", group="run", action="store_true")
+    resume: Optional[str] = setting(None, "continue the interrupted run in this folder", group="run",
+                                    resumable=True, outcome=False)
+    overwrite: bool = setting(False, "replace an existing run folder given by --out", group="run",
+                              action="store_true", outcome=False)
+    check_data: bool = setting(False, "validate the data, write OUT/splits.csv and OUT/data_report.txt, exit "
+                               "(non-zero if unusable)", group="run", action="store_true")
+    check_images: bool = setting(False, "with --check-data: also decode every image (slow)", group="run",
+                                 action="store_true")
+    demo: bool = setting(False, "generate a small synthetic dataset and train on it (CPU-sized)", group="run",
+                         action="store_true")
+    profile: str = setting("default", "preset of defaults: default | cpu | demo", group="run",
+                           choices=sorted(PROFILES))
+    versions: dict = setting(factory=dict, outcome=False)  # library versions, recorded by the run itself
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Settings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+# What may change when a run is resumed; everything else comes from the run's config.json.
+RESUMABLE = {name for name, f in FIELDS.items() if f.metadata["resumable"]}
+# Settings that say where things are or how fast they run, not what is computed.
+NOT_OUTCOME = {name for name, f in FIELDS.items() if not f.metadata["outcome"]}
+
+
 class Parser(argparse.ArgumentParser):
     """Bad flags end with one line, like every other user error (argparse would print the whole usage first)."""
 
@@ -108,71 +170,34 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def add_settings(parser, names, *, default=None, help=None):
+    """Add the flags of the named settings to a parser or argument group (e.g. predict.py's --workers, --device).
+
+    default: what a flag that was not typed leaves behind. None: the parser's own argument_default (for a plain
+    ArgumentParser: None, False for store_true, True for store_false); argparse.SUPPRESS: nothing at all.
+    help: {name: text} to replace a setting's help where it means something else in that program.
+    """
+    for name in names:
+        f = FIELDS[name]
+        meta = f.metadata
+        if meta["help"] is None:
+            raise ValueError(f"setting {name!r} has no command-line flag")
+        text = (help or {}).get(name, meta["help"])
+        if f.default is not dataclasses.MISSING:
+            text = text.format(default=f.default)
+        kwargs = {key: meta[key] for key in ("type", "choices", "action") if meta[key] is not None}
+        if default is not None:
+            kwargs["default"] = default
+        parser.add_argument(meta["flag"] or "--" + name.replace("_", "-"), dest=name, help=text, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
     p = Parser(
         description="Train and evaluate a Siamese ResNet (BCE + contrastive loss) for melanoma detection on ISIC 2020.",
         argument_default=argparse.SUPPRESS,  # only flags the user typed override the profile's defaults
     )
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", help="dataset folder, e.g. the Kaggle 'ISIC 2020 JPG 256x256 RESIZED' layout")
-    g.add_argument("--csv", help="metadata CSV (isic_id or image_name, patient_id, target); use with --image-dir")
-    g.add_argument("--image-dir", help="folder with <id>.jpg/.jpeg/.png images; use with --csv")
-    g.add_argument("--duplicates", help="CSV of duplicate pairs (image_name_1, image_name_2) kept in one split")
-    g.add_argument("--splits", help="use this splits.csv (isic_id, split) instead of making a new split")
-    g.add_argument("--split-by", choices=["patient", "image"], help=f"leakage-free split unit (default {d.split_by})")
-    g.add_argument("--val-frac", type=float, help=f"validation fraction (default {d.val_frac})")
-    g.add_argument("--test-frac", type=float, help=f"test fraction (default {d.test_frac})")
-    g.add_argument("--img-size", type=COUNT, help=f"square image side in pixels (default {d.img_size})")
-    g.add_argument("--cache-dir", help=f"where decoded images are cached (default {d.cache_dir})")
-    g.add_argument("--no-cache", action="store_true", help="decode images on the fly instead of caching them")
-    g.add_argument("--skip-bad-images", action="store_true", help="drop unreadable images instead of stopping")
-    g.add_argument("--workers", type=SEED, help=f"data loader worker processes (default {d.workers})")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50"], help=f"trunk (default {d.backbone})")
-    g.add_argument("--weights", help="none | imagenet | PATH to a trunk state dict (default none)")
-    g.add_argument("--embedding-dim", type=COUNT, help=f"embedding size (default {d.embedding_dim})")
-    g = p.add_argument_group("loss")
-    g.add_argument("--w-bce", type=NON_NEGATIVE, help=f"weight of the BCE term (default {d.w_bce})")
-    g.add_argument("--w-cl", type=NON_NEGATIVE, help=f"weight of the contrastive term (default {d.w_cl})")
-    g.add_argument("--pos-margin", type=NON_NEGATIVE, help=f"contrastive positive margin (default {d.pos_margin})")
-    g.add_argument("--neg-margin", type=NON_NEGATIVE, help=f"contrastive negative margin (default {d.neg_margin})")
-    g.add_argument("--no-normalize-embeddings", dest="normalize_embeddings", action="store_false",
-                   help="use raw instead of L2-normalised embeddings in the contrastive distance")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=COUNT, help=f"epochs (default {d.epochs})")
-    g.add_argument("--batch-size", type=COUNT, help="training batch, half benign half malignant; per process under "
-                   f"torchrun (default {d.batch_size})")
-    g.add_argument("--eval-batch-size", type=COUNT, help=f"evaluation batch (default {d.eval_batch_size})")
-    g.add_argument("--lr", type=POSITIVE, help=f"peak learning rate of AdamW (default {d.lr})")
-    g.add_argument("--weight-decay", type=NON_NEGATIVE, help="AdamW weight decay of weight matrices and kernels "
-                   f"(default {d.weight_decay})")
-    g.add_argument("--warmup-epochs", type=NON_NEGATIVE,
-                   help=f"linear warm-up before cosine decay (default {d.warmup_epochs})")
-    g.add_argument("--ema", type=NON_NEGATIVE, help="keep and evaluate a moving average of the weights with this "
-                   f"decay per step; 0 turns it off (default {d.ema})")
-    g.add_argument("--select-metric", choices=["pauc", "auroc", "last"],
-                   help="validation metric that picks best.pt, or 'last' for the final epoch's weights "
-                   f"(default {d.select_metric})")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="run folder (default: a new folder under runs/)")
-    g.add_argument("--seed", type=SEED, help=f"seed for split, sampler and weights (default {d.seed})")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="compute device (default auto)")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                   help="repeatable kernels (default: on for CPU, off on GPU)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun on GPUs: SyncBatchNorm, BatchNorm statistics over every process's batch")
-    g.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE panel of embeddings.png")
-    g.add_argument("--tta", action="store_true", help="also evaluate val/test with 8-fold flip/rotation test-time "
-                   "augmentation (metrics.json 'tta'; 8x the evaluation time)")
-    g.add_argument("--resume", help="continue the interrupted run in this folder")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing run folder given by --out")
-    g.add_argument("--check-data", action="store_true",
-                   help="validate the data, write OUT/splits.csv and OUT/data_report.txt, exit (non-zero if unusable)")
-    g.add_argument("--check-images", action="store_true", help="with --check-data: also decode every image (slow)")
-    g.add_argument("--demo", action="store_true", help="generate a small synthetic dataset and train on it (CPU-sized)")
-    g.add_argument("--profile", choices=sorted(PROFILES), help="preset of defaults: default | cpu | demo")
+    for group in GROUPS:
+        add_settings(p.add_argument_group(group), [name for name, f in FIELDS.items() if f.metadata["group"] == group])
     return p
 
 
@@ -185,7 +210,3 @@ def settings_from_cli(given: dict) -> Settings:
     """Defaults, then the profile's, then the user's flags."""
     profile = given.get("profile", "demo" if given.get("demo") else "default")
     return dataclasses.replace(Settings(), **{**PROFILES[profile], "profile": profile, **given})
-
-
-# What may change when a run is resumed; everything else comes from the run's config.json.
-RESUMABLE = {"resume", "device", "workers", "cache_dir"}

@@ -1,9 +1,8 @@
-"""Metadata → validated table → leakage-free split → decoded-image cache → loaders and batch augmentation."""
+"""The images a run reads: decoded once into a memory-mapped cache, served to training and evaluation by loaders."""
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -12,253 +11,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from pytorch_metric_learning.samplers import MPerClassSampler
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from utils import UserError, atomic_path, world_size, write_csv, write_json
+from metadata import find_layout, load_metadata, locate_images
+from splits import SPLITS, apply_saved_split, read_splits, require_both_classes, split_rows
+from utils import UserError, atomic_path, world_size, write_json
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
-
-ID_COLUMNS = ("isic_id", "image_name")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
-SPLITS = ("train", "val", "test")
-SPLIT_COLUMNS = ["isic_id", "patient_id", "target", "split", "group", "split_by"]  # splits.csv
-
-# Known layouts: (metadata CSV, image folder), relative to --data-dir.
-LAYOUTS = [
-    ("train-metadata.csv", "train-image/image"),                                # Kaggle "ISIC 2020 JPG 256x256 RESIZED"
-    ("train.csv", "jpeg/train"),                                                # Kaggle competition download
-    ("ISIC_2020_Training_GroundTruth.csv", "ISIC_2020_Training_JPEG/train"),   # official ISIC download
-    ("ISIC_2020_Training_GroundTruth.csv", "train"),
-]
-
-
-# ---------------------------------------------------------------- metadata
-
-def find_layout(data_dir=None, csv=None, image_dir=None) -> tuple[Path, Path]:
-    """Resolve (metadata CSV, image folder) from --data-dir or from --csv and --image-dir."""
-    if csv or image_dir:
-        if not (csv and image_dir):
-            raise UserError("--csv and --image-dir go together: give both")
-        return Path(csv), Path(image_dir)
-    if not data_dir:
-        raise UserError("no data given: use --data-dir DIR, or --csv FILE --image-dir DIR, or --demo")
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root}")
-    for csv_name, images in LAYOUTS:
-        if (root / csv_name).is_file():
-            return root / csv_name, root / images
-    expected = ", ".join(sorted({c for c, _ in LAYOUTS}))
-    raise UserError(f"no metadata CSV in {root}: expected one of {expected} (or use --csv and --image-dir)")
-
-
-def _bad_rows(mask: pd.Series, limit: int = 5) -> str:
-    rows = [str(i + 2) for i in np.flatnonzero(mask.to_numpy())[:limit]]  # +2: header line, 1-based lines
-    more = f" and {int(mask.sum()) - limit} more" if mask.sum() > limit else ""
-    return ", ".join(rows) + more
-
-
-def read_csv(path, what: str, **kwargs) -> pd.DataFrame:
-    """pandas.read_csv with every way a file can fail to be a CSV turned into one clear UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} not found: {path}")
-    with open(path, "rb") as f:
-        if b"\0" in f.read(4096):
-            raise UserError(f"{path} is not a CSV: it holds binary data")
-    try:
-        with warnings.catch_warnings():
-            # With index_col=False, a row longer than the header is a warning; here it is an error.
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, index_col=False, **kwargs)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path} is empty") from None
-    except (pd.errors.ParserError, pd.errors.ParserWarning, UnicodeDecodeError, ValueError, OSError) as e:
-        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0][:200]})") from None
-
-
-def load_metadata(csv_path) -> pd.DataFrame:
-    """Read and validate a metadata CSV into columns isic_id, patient_id (may be NaN), target (0/1)."""
-    raw = read_csv(csv_path, "metadata CSV", dtype={"patient_id": str})
-    columns = str(list(raw.columns))[:300]
-    id_col = next((c for c in ID_COLUMNS if c in raw.columns), None)
-    if id_col is None:
-        raise UserError(f"{csv_path} has no image id column (isic_id or image_name); columns: {columns}")
-    if "target" not in raw.columns:
-        raise UserError(f"{csv_path} has no 'target' column; columns: {columns}")
-    if raw.empty:
-        raise UserError(f"{csv_path} has a header but no rows")
-
-    ids = raw[id_col].astype(str).str.strip()
-    # Ids only ever look up names listed in the image folder, but a path-like id is a sign of a wrong or hostile CSV.
-    unsafe = raw[id_col].isna() | (ids == "") | ids.str.contains(r"[/\\\0]|\.\.|^[A-Za-z]:", regex=True)
-    if unsafe.any():
-        example = "an empty id" if raw[id_col].isna()[unsafe].iloc[0] else repr(ids[unsafe].iloc[0])
-        raise UserError(f"{csv_path}: image ids must be plain file names (no paths, no '..'); see line(s) "
-                        f"{_bad_rows(unsafe)}, e.g. {example}")
-    dup = ids.duplicated(keep=False)
-    if dup.any():
-        raise UserError(f"{csv_path}: duplicate image ids on line(s) {_bad_rows(dup)}, e.g. {ids[dup].iloc[0]!r}")
-
-    target = pd.to_numeric(raw["target"], errors="coerce")
-    bad_target = target.isna() | ~target.isin([0, 1])
-    if bad_target.any():
-        example = raw["target"][bad_target].iloc[0]
-        example = "an empty cell" if pd.isna(example) else repr(str(example))
-        raise UserError(f"{csv_path}: 'target' must be 0 or 1; {example} on line(s) {_bad_rows(bad_target)}")
-    patients = raw["patient_id"].astype("string").str.strip() if "patient_id" in raw.columns else pd.NA
-    frame = pd.DataFrame({"isic_id": ids, "patient_id": patients, "target": target.astype(int)})
-    if frame["target"].nunique() < 2:
-        only = "malignant" if frame["target"].iloc[0] == 1 else "benign"
-        raise UserError(f"{csv_path}: all {len(frame)} rows are {only} (target {frame['target'].iloc[0]}); "
-                        f"training needs both classes")
-    return frame
-
-
-def locate_images(ids, image_dir) -> tuple[list, str]:
-    """Map each id to <image_dir>/<id>.jpg|.jpeg|.png (or to <id> itself, if it names a file there).
-
-    One directory listing, fast for 33k files. Returns (paths, problem): paths hold None where the image is missing,
-    problem is "" or a one-line message with how many are missing and the first few.
-    """
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise UserError(f"image folder not found: {image_dir}")
-    by_name = {}
-    for entry in os.scandir(image_dir):
-        stem, ext = os.path.splitext(entry.name)
-        if ext.lower() in IMAGE_EXTENSIONS and entry.is_file():
-            by_name.setdefault(stem, entry.name)
-            by_name[entry.name] = entry.name
-    paths = [image_dir / by_name[i] if i in by_name else None for i in ids]
-    missing = [i for i, path in zip(ids, paths) if path is None]
-    if not missing:
-        return paths, ""
-    return paths, (f"{len(missing)} of {len(paths)} images missing from {image_dir}, e.g. {', '.join(missing[:5])} "
-                   f"(expected <id>.jpg, .jpeg or .png)")
-
-
-def load_duplicates(path) -> list[tuple[str, str]]:
-    """Pairs of image ids, from the first two columns (the official file has image_name_1, image_name_2)."""
-    pairs = read_csv(path, "duplicates CSV", dtype=str)
-    if pairs.shape[1] < 2:
-        raise UserError(f"{path}: expected two columns of image ids (image_name_1, image_name_2)")
-    pairs = pairs.iloc[:, :2].dropna().apply(lambda column: column.str.strip())
-    return list(pairs.itertuples(index=False, name=None))
-
-
-# ---------------------------------------------------------------- split
-
-def leakage_groups(frame: pd.DataFrame, duplicate_pairs=()) -> np.ndarray:
-    """Group label per row: images of one patient, and images listed as duplicates, share a group."""
-    n = len(frame)
-    position = {image_id: i for i, image_id in enumerate(frame["isic_id"])}
-    rows, cols = [], []
-    patients = frame["patient_id"]
-    known = patients.notna().to_numpy()
-    if known.any():
-        codes = pd.factorize(patients[known])[0]
-        members = np.flatnonzero(known)
-        first_of_patient = members[np.unique(codes, return_index=True)[1]][codes]
-        rows += list(members)
-        cols += list(first_of_patient)
-    for a, b in duplicate_pairs:
-        if a in position and b in position:
-            rows.append(position[a])
-            cols.append(position[b])
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def split_frame(frame: pd.DataFrame, split_by="patient", val_frac=0.15, test_frac=0.10, seed=42,
-                duplicate_pairs=()) -> pd.Series:
-    """Stratified train/val/test labels. With split_by='patient', no patient or duplicate pair spans two splits."""
-    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
-        raise UserError(f"--val-frac {val_frac} and --test-frac {test_frac} must be in (0, 1) and sum below 1")
-    y = frame["target"].to_numpy()
-    index = np.arange(len(frame))
-    val_of_rest = val_frac / (1 - test_frac)
-    if split_by == "image":
-        need = math.ceil(1 / min(test_frac, val_frac))
-        _require_positives(y, need, "images")
-        rest, test = train_test_split(index, test_size=test_frac, stratify=y, random_state=seed)
-        train, val = train_test_split(rest, test_size=val_of_rest, stratify=y[rest], random_state=seed)
-    else:
-        groups = leakage_groups(frame, duplicate_pairs)
-        test_folds, val_folds = round(1 / test_frac), round(1 / val_of_rest)
-        _require_positives(y, max(test_folds, val_folds), "patients", groups)
-        rest, test = _one_group_fold(index, y, groups, test_folds, seed)
-        train, val = _one_group_fold(rest, y[rest], groups[rest], val_folds, seed)
-    split = np.empty(len(frame), dtype=object)
-    split[train], split[val], split[test] = "train", "val", "test"
-    split = pd.Series(split, index=frame.index, name="split")
-    _require_both_classes(frame["target"], split)
-    return split
-
-
-def _require_both_classes(target: pd.Series, split: pd.Series) -> None:
-    for name in SPLITS:
-        if target[split == name].nunique() < 2:
-            raise UserError(f"the {name} split got only one class; add malignant images or change the fractions")
-
-
-def _one_group_fold(index, y, groups, n_folds, seed):
-    folds = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    keep, held_out = next(folds.split(index, y, groups))
-    return index[keep], index[held_out]
-
-
-def _require_positives(y, need: int, unit: str, groups=None) -> None:
-    have = int(y.sum()) if groups is None else len(np.unique(groups[y == 1]))
-    if have < need:
-        raise UserError(f"only {have} malignant {unit}: a stratified train/val/test split with these fractions "
-                        f"needs at least {need}")
-
-
-def split_unit(frame: pd.DataFrame, split_by: str, duplicate_pairs) -> str:
-    """What no two splits may share: 'patient+duplicates', 'patient', 'duplicates' or 'image' (a plain split)."""
-    if split_by == "image":
-        return "image"
-    parts = []
-    if frame["patient_id"].notna().any():
-        parts.append("patient")
-    if len(duplicate_pairs):
-        parts.append("duplicates")
-    return "+".join(parts) or "image"
-
-
-def split_rows(frame: pd.DataFrame, s) -> pd.DataFrame:
-    """The frame with its split, its leakage group and the split unit: the columns splits.csv records."""
-    pairs = load_duplicates(s.duplicates) if s.duplicates else []
-    unit = split_unit(frame, s.split_by, pairs)
-    by = "image" if unit == "image" else "patient"
-    split = split_frame(frame, by, s.val_frac, s.test_frac, s.seed, pairs)
-    groups = np.arange(len(frame)) if unit == "image" else leakage_groups(frame, pairs)
-    return frame.assign(split=split, group=groups, split_by=unit)
-
-
-def write_splits(frame: pd.DataFrame, path) -> None:
-    write_csv(path, frame[[c for c in SPLIT_COLUMNS if c in frame.columns]])
-
-
-def read_splits(path) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"split file not found: {path}")
-    splits = pd.read_csv(path, dtype={"isic_id": str, "patient_id": "string"})
-    if not {"isic_id", "target", "split"} <= set(splits.columns):
-        raise UserError(f"{path} is not a splits.csv written by this pipeline")
-    return splits
 
 
 # ---------------------------------------------------------------- images
@@ -423,8 +188,8 @@ def check_images(ids, paths, s) -> tuple[dict, list]:
     return {ids[i]: error for i, error in sorted(errors.items())}, problems
 
 
-def prepare_data(s, out_dir=None, splits_path=None) -> Data:
-    """Everything a run needs from disk, checked in order of cost; the split is saved to `out_dir`/splits.csv if given.
+def prepare_data(s, splits_path=None) -> Data:
+    """Everything a run needs from disk, checked in order of cost.
 
     With `splits_path`, that saved split is reused. With s.check_data, missing and unreadable images become
     Data.problems instead of errors, and images are decoded only with s.check_images.
@@ -438,7 +203,7 @@ def prepare_data(s, out_dir=None, splits_path=None) -> Data:
         raise UserError(missing)
     problems = [missing] if missing else []
     # The split needs only the metadata: made before decoding, its errors come in seconds, not after an hour.
-    frame = _apply_saved_split(frame, read_splits(splits_path)) if splits_path is not None else split_rows(frame, s)
+    frame = apply_saved_split(frame, read_splits(splits_path)) if splits_path is not None else split_rows(frame, s)
     cache, bad = None, {}
     if not s.check_data:
         cache, bad = read_images(ids, paths, s)
@@ -447,20 +212,8 @@ def prepare_data(s, out_dir=None, splits_path=None) -> Data:
         problems += unreadable
     if bad and s.skip_bad_images:
         frame = frame[~frame["isic_id"].isin(bad)].reset_index(drop=True)
-        _require_both_classes(frame["target"], frame["split"])
-    if out_dir is not None and splits_path is None:
-        write_splits(frame, Path(out_dir) / "splits.csv")
+        require_both_classes(frame["target"], frame["split"])
     return Data(frame, paths, cache, bad, problems, f"{csv_path} with images in {image_dir}")
-
-
-def _apply_saved_split(frame: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
-    splits = splits.drop(columns=["patient_id", "target"], errors="ignore")  # the metadata's own are used
-    merged = splits.merge(frame, on="isic_id", how="left", validate="one_to_one")
-    missing = merged["target"].isna()
-    if missing.any():
-        raise UserError(f"{int(missing.sum())} ids of the saved split are not in the metadata, "
-                        f"e.g. {merged['isic_id'][missing].iloc[0]}: is this the dataset the run was trained on?")
-    return merged.astype({"target": int, "row": int})
 
 
 # ---------------------------------------------------------------- loaders
@@ -485,46 +238,6 @@ def train_loader(data: Data, s, device) -> DataLoader:
 
 def eval_loader(data: Data, split: str, s, device) -> DataLoader:
     return image_loader(data.dataset(split, s.img_size), s.eval_batch_size, device, s.workers, shuffle=False)
-
-
-# ---------------------------------------------------------------- augmentation
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) → float in [0, 1], channels_last for faster convolutions."""
-    return images.float().div_(255).contiguous(memory_format=torch.channels_last)
-
-
-class BatchAugment(torch.nn.Module):
-    """Random rotation, flip, zoom-crop and mild colour jitter, drawn per image but applied to the whole batch at once.
-
-    torchvision's transforms draw one set of parameters per call, so per-image randomness would need a Python loop;
-    one affine_grid/grid_sample over the batch does it in two kernels, on the GPU when training there.
-    """
-
-    def __init__(self, min_scale=0.75, max_shift=0.05, brightness=0.15, contrast=0.15, saturation=0.15):
-        super().__init__()
-        self.min_scale, self.max_shift = min_scale, max_shift
-        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, dev = x.shape[0], x.device
-        u = lambda *shape: torch.rand(*shape, device=dev)  # noqa: E731
-        angle = u(b) * 2 * math.pi
-        zoom = self.min_scale + (1 - self.min_scale) * u(b)           # <1 samples a smaller area: a zoomed-in crop
-        flip = torch.where(u(b) < 0.5, -1.0, 1.0)                      # mirror; with any rotation this covers flips
-        cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
-        shift = (u(b, 2) * 2 - 1) * self.max_shift
-        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        jitter = lambda amount: 1 + (u(b, 1, 1, 1) * 2 - 1) * amount  # noqa: E731
-        grey = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = grey + (x - grey) * jitter(self.saturation)
-        mean = x.mean(dim=(1, 2, 3), keepdim=True)
-        x = mean + (x - mean) * jitter(self.contrast)
-        x = x * jitter(self.brightness)
-        return x.clamp_(0, 1).contiguous(memory_format=torch.channels_last)
 
 
 # ---------------------------------------------------------------- report

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torchvision import models
 
-from utils import UserError, load_checkpoint
+from checkpoints import load_checkpoint
+from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,19 +1,17 @@
-"""Loss, one training epoch, evaluation, and the fit loop with checkpoints and history."""
+"""Training: the optimiser and its schedule, the weight average, one epoch, and the fit loop with checkpoints."""
 from __future__ import annotations
 
 import math
 import shlex
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,34 +19,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plots
-from dataset import BatchAugment, eval_loader, to_float, train_loader
+from augment import BatchAugment, to_float
+from checkpoints import FORMAT, save_checkpoint
+from dataset import eval_loader, train_loader
+from inference import evaluate
+from losses import build_loss
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
 from utils import (UserError, autocast_dtype, barrier, is_main, rank, remove_stale_temporaries, rng_state,
-                   save_checkpoint, seed_everything, set_rng_state, world_size, write_csv)
+                   seed_everything, set_rng_state, world_size, write_csv)
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
 PLOT_EVERY_S = 30  # redrawing the four history plots takes ~0.3 s, a noticeable share of a 2-second CPU epoch
-
-
-class JointLoss(nn.Module):
-    """L = w_bce * BCEWithLogits(logit, y) + w_cl * ContrastiveLoss(embeddings, y), pairs formed within the batch
-    (under torchrun: within each process's batch, as on one GPU with that batch size)."""
-
-    def __init__(self, w_bce=1.0, w_cl=1.0, pos_margin=0.0, neg_margin=1.0, normalize_embeddings=True):
-        super().__init__()
-        self.w_bce, self.w_cl = w_bce, w_cl
-        self.bce = nn.BCEWithLogitsLoss()
-        self.contrastive = ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin,
-                                           distance=LpDistance(p=2, power=1, normalize_embeddings=normalize_embeddings))
-
-    def forward(self, embeddings, logits, targets):
-        bce = self.bce(logits.float(), targets.float())
-        contrastive = self.contrastive(embeddings.float(), targets.long())
-        return self.w_bce * bce + self.w_cl * contrastive, bce.detach(), contrastive.detach()
-
-
-def build_loss(s) -> JointLoss:
-    return JointLoss(s.w_bce, s.w_cl, s.pos_margin, s.neg_margin, s.normalize_embeddings)
 
 
 def build_optimizer(model, s, steps_per_epoch: int):
@@ -143,41 +124,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
     return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy}
 
 
-@dataclass
-class Predictions:
-    targets: np.ndarray
-    probabilities: np.ndarray
-    logits: np.ndarray
-    embeddings: np.ndarray
-    loss: float
-
-
-@torch.inference_mode()
-def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluating") -> Predictions:
-    """Score every image of `loader` in order, without augmentation."""
-    model.eval()
-    targets, logits, embeddings, losses = [], [], [], []
-    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
-        images = to_float(images.to(device, non_blocking=True))
-        batch_targets = batch_targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            batch_embeddings, batch_logits = model(images)
-        if loss_fn is not None:
-            losses.append(loss_fn(batch_embeddings, batch_logits, batch_targets)[0] * len(batch_targets))
-        targets.append(batch_targets)
-        logits.append(batch_logits.float())
-        embeddings.append(batch_embeddings.float())
-    logits = torch.cat(logits).cpu().numpy()
-    return Predictions(
-        targets=torch.cat(targets).cpu().numpy().astype(int),
-        probabilities=1 / (1 + np.exp(-logits.astype(np.float64))),
-        logits=logits,
-        embeddings=torch.cat(embeddings).cpu().numpy(),
-        loss=float(torch.stack(losses).sum() / len(logits)) if losses else float("nan"),
-    )
-
-
-def validation_summary(pred: Predictions) -> dict:
+def validation_summary(pred) -> dict:
     threshold = youden_threshold(pred.targets, pred.probabilities)
     return {"val_loss": pred.loss,
             "val_auroc": auroc(pred.targets, pred.probabilities),
@@ -199,21 +146,7 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
         loader.sampler.labels.sort()
 
 
-def checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s) -> dict:
-    """Everything needed to continue exactly where this epoch ended, as plain types (weights_only-loadable)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "epoch": epoch, "best": best, "history": history,
-            "ema": None if ema is None else ema.module.state_dict(),
-            "ema_updates": 0 if ema is None else int(ema.n_averaged), "rng": rng_state(), "settings": s.to_dict(),
-            "world_size": world_size()}
-
-
-def evaluation_weights(checkpoint: dict) -> dict:
-    """The weights that were validated: the moving average when the run kept one, else the trained weights."""
-    return checkpoint["ema"] if checkpoint.get("ema") is not None else checkpoint["model"]
-
-
-def moving_average(model, decay: float, total_steps: int, resume_from: dict | None = None):
+def moving_average(model, decay: float, total_steps: int):
     """An exponential moving average of the weights and BatchNorm statistics (torch.optim.swa_utils), or None."""
     if not decay:
         return None
@@ -222,106 +155,146 @@ def moving_average(model, decay: float, total_steps: int, resume_from: dict | No
     decay = min(decay, 1 - 4 / total_steps)  # a short run cannot average over 1/(1-decay) steps: at most a quarter
     if decay <= 0:
         return None
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    if resume_from is not None and resume_from.get("ema") is not None:
-        ema.module.load_state_dict(resume_from["ema"])
-        ema.n_averaged.fill_(resume_from["ema_updates"])
-    return ema
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> dict:
-    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric. Returns history.
+@dataclass
+class TrainingState:
+    """Everything a checkpoint restores: weights, their moving average, optimiser, schedule, scaler and the record.
 
-    Under torchrun every rank trains a DistributedDataParallel copy; rank 0 alone validates and writes files."""
+    state_dict() holds only plain types and tensors (loadable with weights_only) and every random state, so that a
+    resumed run replays the next epoch exactly as an uninterrupted one (see seed_epoch)."""
+    model: nn.Module
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    epoch: int = 0
+    best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": 0})
+    history: list = field(default_factory=list)
+
+    def state_dict(self, s) -> dict:
+        return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+                "best": self.best, "history": self.history,
+                "ema": None if self.ema is None else self.ema.module.state_dict(),
+                "ema_updates": 0 if self.ema is None else int(self.ema.n_averaged), "rng": rng_state(),
+                "settings": s.to_dict(), "world_size": world_size()}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """The model's weights are loaded by the caller before the optimiser and the average are built on them."""
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema is not None and checkpoint["ema"] is not None:
+            self.ema.module.load_state_dict(checkpoint["ema"])
+            self.ema.n_averaged.fill_(checkpoint["ema_updates"])
+        self.epoch, self.best, self.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
+        set_rng_state(checkpoint["rng"])
+
+    def record(self, row: dict, select_metric: str, epochs: int) -> bool:
+        """Add the epoch's row to the history; whether this epoch becomes best.pt."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        if select_metric == "last":  # best.pt = the final weights, whatever a small val split says
+            score, improved = row["val_pauc"], row["epoch"] == epochs
+        else:
+            score = row[f"val_{select_metric}"]
+            improved = score > self.best["score"] or not math.isfinite(self.best["score"])
+        if improved:
+            self.best = {"score": float(score), "epoch": row["epoch"]}
+        return improved
+
+
+def restore(state: TrainingState, checkpoint: dict, out_dir: Path, s) -> None:
+    """Continue from last.pt (its format was checked when it was read): refuse another number of processes, whose
+    schedule would differ, then load the state."""
+    trained_on = checkpoint["world_size"]
+    if trained_on != world_size():  # steps per epoch, hence the learning-rate schedule, depend on it
+        raise UserError(f"{out_dir} was trained by {trained_on} process(es), not {world_size()}: resume it with "
+                        + ("python driver.py" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
+                           " driver.py (and as many nodes as before)"))
+    state.load_state_dict(checkpoint)
+    if is_main():
+        remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
+    best = state.best
+    so_far = f"best so far: epoch {best['epoch']}, {s.select_metric} {best['score']:.4f}" if best["epoch"] else \
+        f"{state.epoch} epochs done"
+    print(f"resuming at epoch {state.epoch + 1} of {s.epochs} ({so_far})" if state.epoch < s.epochs else
+          f"resuming: all {s.epochs} epochs were done, evaluating")
+
+
+def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: float) -> float:
+    """Record the epoch, save last.pt (and best.pt), history.csv and, at most every PLOT_EVERY_S, the plots.
+    Returns when the plots were last drawn."""
+    improved = state.record(row, s.select_metric, s.epochs)
+    checkpoint = state.state_dict(s)
+    if improved:
+        save_checkpoint(out_dir / "best.pt", checkpoint)
+    save_checkpoint(out_dir / "last.pt", checkpoint)
+    history = pd.DataFrame(state.history)
+    write_csv(out_dir / "history.csv", history)
+    if row["epoch"] == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
+        plots.history_plots(history, out_dir)
+        plotted = time.time()
+    print(epoch_line(row, s.epochs, improved), flush=True)
+    return plotted
+
+
+def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> TrainingState:
+    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric.
+
+    Under torchrun every rank trains a DistributedDataParallel copy; rank 0 alone validates and writes files.
+    last.pt always holds a finished epoch: an interrupted epoch is replayed from its start on resume, which seed_epoch
+    makes exact (saving mid-epoch would also need the sampler's position and the loader's prefetched batches)."""
     out_dir = Path(out_dir)
     if s.sync_bn and world_size() > 1:
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU version")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
-    loader = train_loader(data, s, device)
-    val = eval_loader(data, "val", s, device)
+    loader, val = train_loader(data, s, device), eval_loader(data, "val", s, device)
     amp_dtype = autocast_dtype(device)
-    loss_fn = build_loss(s)
-    augment = BatchAugment()
+    loss_fn, augment = build_loss(s), BatchAugment()
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    state = TrainingState(model, moving_average(model, s.ema, s.epochs * len(loader)), optimizer, scheduler, scaler)
     compiled = torch.compile(model) if s.compile else model
     step_model = compiled
     if dist.is_initialized():
         step_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    ema = moving_average(model, s.ema, s.epochs * len(loader), resume_from)
-    eval_model = ema.module if ema is not None else compiled
-    history, best, start = [], {"score": -math.inf, "epoch": 0}, 1
-    plotted = -math.inf
-    if resume_from is None:  # epoch 0: a kill during the first epoch can be resumed too
-        if is_main():
-            save_checkpoint(out_dir / "last.pt",
-                            checkpoint_dict(model, ema, optimizer, scheduler, scaler, 0, best, history, s))
-    else:
-        trained_on = resume_from.get("world_size", 1)
-        if trained_on != world_size():  # steps per epoch, hence the learning-rate schedule, depend on it
-            raise UserError(f"{out_dir} was trained by {trained_on} process(es), not {world_size()}: resume it with "
-                            + ("python driver.py" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
-                               " driver.py (and as many nodes as before)"))
-        try:
-            optimizer.load_state_dict(resume_from["optimizer"])
-        except ValueError:  # saved with another optimizer layout (a version before AdamW's two parameter groups)
-            raise UserError(f"{out_dir}/last.pt was written by an older version of this pipeline and cannot be "
-                            "resumed by this one; its best.pt still evaluates with predict.py") from None
-        scheduler.load_state_dict(resume_from["scheduler"])
-        scaler.load_state_dict(resume_from["scaler"])
-        history, best, start = resume_from["history"], resume_from["best"], resume_from["epoch"] + 1
-        set_rng_state(resume_from["rng"])
-        if is_main():
-            remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
-        so_far = f"best so far: epoch {best['epoch']}, {s.select_metric} {best['score']:.4f}" if best["epoch"] else \
-            f"{start - 1} epochs done"
-        print(f"resuming at epoch {start} of {s.epochs} ({so_far})" if start <= s.epochs else
-              f"resuming: all {s.epochs} epochs were done, evaluating")
+    eval_model = state.ema.module if state.ema is not None else compiled
+    if resume_from is not None:
+        restore(state, resume_from, out_dir, s)
+    elif is_main():  # epoch 0: a kill during the first epoch can be resumed too
+        save_checkpoint(out_dir / "last.pt", state.state_dict(s))
 
-    # last.pt always holds a finished epoch: an interrupted epoch is replayed from its start on resume, which seed_epoch
-    # makes exact. Saving mid-epoch would also need the sampler's position and the loader's prefetched batches.
     launch = "python driver.py" if world_size() == 1 else "the same torchrun command with driver.py"
     resume_hint = f"continue with: {launch} --resume {shlex.quote(str(out_dir))}"
+    plotted = -math.inf
     with StopRequest() as stop:
-        for epoch in range(start, s.epochs + 1):
+        for epoch in range(state.epoch + 1, s.epochs + 1):
             started = time.time()
             seed_epoch(loader, s.seed, epoch)
             try:
                 row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
-                                      amp_dtype, epoch, s.epochs, stop, ema)
+                                      amp_dtype, epoch, s.epochs, stop, state.ema)
             except Interrupted as e:
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None
             except NonFiniteLoss as e:
-                kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {best['epoch']}" * bool(best["epoch"]))
+                kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {state.best['epoch']}"
+                                                             * bool(state.best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
             if is_main():
                 row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
                 row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
-                history.append(row)
-                if s.select_metric == "last":  # best.pt = the final weights, whatever a small val split says
-                    score, improved = row["val_pauc"], epoch == s.epochs
-                else:
-                    score = row[f"val_{s.select_metric}"]
-                    improved = score > best["score"] or not math.isfinite(best["score"])
-                if improved:
-                    best = {"score": float(score), "epoch": epoch}
-                state = checkpoint_dict(model, ema, optimizer, scheduler, scaler, epoch, best, history, s)
-                if improved:
-                    save_checkpoint(out_dir / "best.pt", state)
-                save_checkpoint(out_dir / "last.pt", state)
-                write_csv(out_dir / "history.csv", pd.DataFrame(history))
-                if epoch == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
-                    plots.history_plots(pd.DataFrame(history), out_dir)
-                    plotted = time.time()
-                print(epoch_line(row, s.epochs, improved), flush=True)
+                plotted = end_of_epoch(state, row, s, out_dir, plotted)
             barrier()  # the other ranks wait while rank 0 validates and saves
             if stop.signal:  # arrived during validation or saving: this epoch is complete and saved
                 raise UserError(f"stopped by {stop.signal} after epoch {epoch}; last.pt holds epoch {epoch}, "
                                 f"{resume_hint}")
-    return {"history": history, "best": best}
+    return state
 
 
 def epoch_line(row: dict, epochs: int, improved: bool) -> str:

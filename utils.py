@@ -1,12 +1,10 @@
-"""Seeding, devices, user-facing errors and atomic file writes."""
+"""Seeding, devices, torchrun helpers, user-facing errors and atomic file writes."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import pickle
 import random
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +16,16 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad CSV, bad flag): printed as one line, exit code 2."""
+
+
+def cli_main(run, argv=None) -> int:
+    """Every entry point's ending: 0 when `run(argv)` finishes, one `error:` line and exit code 2 on a UserError."""
+    try:
+        run(argv)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------- reproducibility
@@ -185,28 +193,6 @@ def write_json(path, obj) -> None:
 def write_csv(path, frame) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
-
-
-def save_checkpoint(path, checkpoint: dict) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load with weights_only=True: a file that would run pickled code is refused, not executed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain Python types
-        found = re.search(r"Unsupported [^.]*", str(e))
-        raise UserError(f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded "
-                        f"({found[0] if found else 'not plain tensors'}); load only checkpoints this pipeline wrote, "
-                        f"or state dicts of plain tensors") from None
-    except Exception as e:  # truncated, corrupted, or not a PyTorch file at all
-        first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first})") from None
 
 
 def library_versions() -> dict:

@@ -11,6 +11,14 @@ METADATA = SHARED / "isic2020-metadata"
 
 from demo import make_dataset  # noqa: E402
 
+# The smallest real run, shared by every test that trains (mark those tests `slow`).
+TINY_FLAGS = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--embedding-dim", "16", "--no-tsne"]
+
+
+def tiny(epochs: int, workers: int | None = 0) -> list[str]:
+    """TINY_FLAGS for `epochs` epochs; workers=None keeps the default number of loader workers."""
+    return [*TINY_FLAGS, "--epochs", str(epochs), *([] if workers is None else ["--workers", str(workers)])]
+
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):

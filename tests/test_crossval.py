@@ -7,17 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-import crossval
-from dataset import find_layout, leakage_groups, load_metadata
+from conftest import tiny
 
-TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
-        "--embedding-dim", "16", "--no-tsne"]
+from config import parse_cli
+from experiments import crossval
+from metadata import find_layout, load_metadata
+from splits import fold_splits, leakage_groups
+
+TINY = tiny(2)
 
 
 def test_each_image_is_tested_once_and_no_patient_straddles_a_fold_split(tiny_data):
     frame = load_metadata(find_layout(tiny_data, None, None)[0])
     tested = np.zeros(len(frame), dtype=int)
-    for split in crossval.fold_splits(frame, leakage_groups(frame), 4, seed=0):
+    for split in fold_splits(frame, leakage_groups(frame), 4, seed=0):
         assert set(split) == {"train", "val", "test"}
         patients = {name: set(frame.loc[split == name, "patient_id"]) for name in ("train", "val", "test")}
         for a, b in combinations(patients.values(), 2):
@@ -31,7 +34,7 @@ def test_duplicate_pairs_across_patients_stay_in_one_split_of_every_fold(tiny_da
     first_of_patient = frame.drop_duplicates("patient_id")["isic_id"].tolist()
     pairs = list(zip(first_of_patient[0:20:2], first_of_patient[1:20:2]))  # ten pairs, each of two patients
     index = {image: i for i, image in enumerate(frame["isic_id"])}
-    for split in crossval.fold_splits(frame, leakage_groups(frame, pairs), 4, seed=0):
+    for split in fold_splits(frame, leakage_groups(frame, pairs), 4, seed=0):
         assert all(split[index[a]] == split[index[b]] for a, b in pairs)
 
 
@@ -44,6 +47,7 @@ def cv(tiny_data, tmp_path_factory):
     return out, args, driver_flags
 
 
+@pytest.mark.slow
 def test_table_holds_every_method_on_the_same_folds(cv):
     out, *_ = cv
     table = pd.read_csv(out / "crossval.csv")
@@ -59,6 +63,7 @@ def test_table_holds_every_method_on_the_same_folds(cv):
             assert run_split[["isic_id", "split"]].equals(fold_split[["isic_id", "split"]])
 
 
+@pytest.mark.slow
 def test_contrastive_only_run_is_scored_on_its_final_weights(cv):
     out, *_ = cv
     run = out / "fold1" / "knn"
@@ -69,6 +74,7 @@ def test_contrastive_only_run_is_scored_on_its_final_weights(cv):
     assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
 
 
+@pytest.mark.slow
 def test_resume_reuses_finished_runs_with_the_same_settings(cv, capsys):
     out, args, _ = cv
     before = (out / "crossval.csv").read_text()
@@ -79,9 +85,10 @@ def test_resume_reuses_finished_runs_with_the_same_settings(cv, capsys):
     assert (out / "fold1" / "joint" / "best.pt").stat().st_mtime_ns == saved
 
 
+@pytest.mark.slow
 def test_resume_does_not_reuse_a_run_with_other_settings(cv):
     out, _, driver_flags = cv
-    given = crossval.parse_cli(driver_flags)
+    given = parse_cli(driver_flags)
     run, splits = out / "fold1" / "joint", out / "fold1" / "splits.csv"
     assert crossval.finished_run(run, {**given, "splits": str(splits)}, splits) is not None
     assert crossval.finished_run(run, {**given, "splits": str(splits), "epochs": 3}, splits) is None

@@ -5,8 +5,10 @@ import torch
 
 from config import Settings
 from conftest import METADATA, SAMPLE, needs
-from dataset import (BatchAugment, find_layout, leakage_groups, load_duplicates, load_metadata, prepare_data,
-                     split_frame, train_loader)
+from augment import BatchAugment
+from dataset import prepare_data, train_loader
+from metadata import find_layout, load_duplicates, load_metadata
+from splits import leakage_groups, split_frame, write_splits
 from utils import UserError
 
 
@@ -20,7 +22,8 @@ def test_kaggle_layout_loads_with_index_column(tiny_data, tmp_path):
     frame = load_metadata(csv)
     assert list(frame.columns) == ["isic_id", "patient_id", "target"]
     assert len(frame) == 160 and set(frame["target"]) == {0, 1}
-    data = prepare_data(settings(tiny_data, tmp_path), tmp_path)
+    data = prepare_data(settings(tiny_data, tmp_path))
+    write_splits(data.frame, tmp_path / "splits.csv")
     image, target = data.dataset("train", 32)[0]
     assert image.shape == (3, 32, 32) and image.dtype == torch.uint8
     assert target.item() in (0.0, 1.0)
@@ -31,11 +34,11 @@ def test_kaggle_layout_loads_with_index_column(tiny_data, tmp_path):
 
 def test_cache_is_reused_and_matches_direct_decoding(tiny_data, tmp_path):
     s = settings(tiny_data, tmp_path)
-    cached = prepare_data(s, tmp_path)
-    files = sorted((tmp_path / "cache").iterdir())
-    again = prepare_data(s, tmp_path)
-    assert sorted((tmp_path / "cache").iterdir()) == files  # nothing rebuilt
-    direct = prepare_data(settings(tiny_data, tmp_path, no_cache=True), tmp_path)
+    cached = prepare_data(s)
+    built = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()}
+    again = prepare_data(s)
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "cache").iterdir()} == built  # nothing rewritten
+    direct = prepare_data(settings(tiny_data, tmp_path, no_cache=True))
     a, b = cached.dataset("val", 32), direct.dataset("val", 32)
     assert torch.equal(a[3][0], b[3][0]) and torch.equal(again.dataset("val", 32)[3][0], a[3][0])
 
@@ -102,7 +105,7 @@ def test_real_metadata_split_is_leakage_free_and_balanced():
 
 @needs(SAMPLE)
 def test_real_sample_loads(tmp_path):
-    data = prepare_data(Settings(data_dir=str(SAMPLE), img_size=32, workers=0, cache_dir=str(tmp_path)), tmp_path)
+    data = prepare_data(Settings(data_dir=str(SAMPLE), img_size=32, workers=0, cache_dir=str(tmp_path)))
     assert len(data.frame) == 740 and data.frame["target"].sum() == 378
     assert data.frame.groupby("patient_id")["split"].nunique().max() == 1
     image, _ = data.dataset("test", 32)[0]
@@ -111,7 +114,7 @@ def test_real_sample_loads(tmp_path):
 
 def test_balanced_batches_and_epoch_length(tiny_data, tmp_path):
     s = settings(tiny_data, tmp_path)
-    data = prepare_data(s, tmp_path)
+    data = prepare_data(s)
     loader = train_loader(data, s, torch.device("cpu"))
     n_train = int((data.frame["split"] == "train").sum())
     assert n_train > 3 * s.batch_size
@@ -125,7 +128,7 @@ def test_odd_batch_size_is_refused(tiny_data, tmp_path):
     s = settings(tiny_data, tmp_path, )
     s.batch_size = 15
     with pytest.raises(UserError, match="even"):
-        train_loader(prepare_data(s, tmp_path), s, torch.device("cpu"))
+        train_loader(prepare_data(s), s, torch.device("cpu"))
 
 
 def test_batch_augment_keeps_shape_range_and_varies_per_image():

@@ -13,7 +13,9 @@ from torchvision.transforms.v2 import functional as TF
 
 from config import Settings
 from conftest import METADATA, ROOT, needs
-from dataset import load_metadata, prepare_data, split_frame
+from dataset import prepare_data
+from metadata import load_metadata
+from splits import split_frame, write_splits
 from driver import main
 from utils import UserError
 
@@ -252,9 +254,9 @@ def test_skip_bad_images_in_a_run(tmp_path):
     with pytest.raises(UserError, match="1 unreadable image.*ISIC_0000011.jpg"):
         prepare_data(s)
     s.skip_bad_images = True
-    data = prepare_data(s, tmp_path)
+    data = prepare_data(s)
     assert list(data.bad_images) == ["ISIC_0000011"] and len(data.frame) == 47
-    assert "ISIC_0000011" not in set(pd.read_csv(tmp_path / "splits.csv")["isic_id"])
+    assert "ISIC_0000011" not in set(data.frame["isic_id"])  # left out of the split that splits.csv records
     image, _ = data.dataset("train", 32)[0]
     assert image.shape == (3, 32, 32)
 
@@ -343,7 +345,8 @@ def test_check_data_on_real_metadata_with_no_images_is_fast_and_clear(tmp_path):
 def test_saved_split_is_reused_with_what_it_recorded(tmp_path):
     csv, images, _ = write_data(tmp_path)
     s = Settings(csv=str(csv), image_dir=str(images), img_size=32, workers=0, no_cache=True)
-    first = prepare_data(s, tmp_path)
+    first = prepare_data(s)
+    write_splits(first.frame, tmp_path / "splits.csv")
     again = prepare_data(Settings(**{**s.to_dict(), "seed": 7}), splits_path=tmp_path / "splits.csv")
     columns = ["isic_id", "patient_id", "target", "split", "group", "split_by"]
     # the saved split, not a new one with seed 7 (the dtypes of a CSV round trip may differ)

@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT
+from conftest import ROOT, tiny
 from demo import make_dataset
-from utils import load_checkpoint
+from checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="this PyTorch build has no torch.distributed with the gloo backend")
 
-TINY = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--workers", "0", "--embedding-dim", "16",
-        "--no-tsne", "--epochs", "2"]
+TINY = tiny(2)
+pytestmark = pytest.mark.slow  # every test here trains
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # = torchrun
 
 

@@ -5,15 +5,15 @@ import sys
 
 import pandas as pd
 import pytest
+from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT, SAMPLE, needs
+from conftest import ROOT, SAMPLE, needs, tiny
 
 RUN_FILES = ["config.json", "splits.csv", "data_report.txt", "history.csv", "best.pt", "last.pt",
              "loss.png", "accuracy.png", "auroc.png", "pauc.png"]
 EVAL_FILES = ["metrics.json", "predictions.csv", "classification_report.txt", "roc.png", "confusion_matrix.png",
               "embeddings.png"]
-TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "2", "--batch-size", "16", "--workers", "0",
-        "--embedding-dim", "16", "--no-tsne"]
+TINY = tiny(2)
 
 
 def cli(script, *args):
@@ -30,6 +30,7 @@ def tiny_run(tiny_data, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tiny_run):
     out, result = tiny_run
     for name in RUN_FILES:
@@ -47,6 +48,7 @@ def test_run_writes_every_output(tiny_run):
     assert "test: AUROC" in result.stdout
 
 
+@pytest.mark.slow
 def test_test_metrics_are_consistent(tiny_run):
     out, _ = tiny_run
     metrics = json.loads((out / "test" / "metrics.json").read_text())
@@ -57,11 +59,15 @@ def test_test_metrics_are_consistent(tiny_run):
     assert metrics["n"] == len(predictions) == (splits["split"] == "test").sum()
     assert metrics["n_positive"] == predictions["target"].sum()
     assert set(predictions["isic_id"]) == set(splits.loc[splits["split"] == "test", "isic_id"])
-    assert 0 <= metrics["pauc"] <= 0.2 and 0 <= metrics["auroc"] <= 1
+    y, p = predictions["target"], predictions["probability"]
+    assert metrics["auroc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    # pAUC above 80% TPR from its definition: McClish-standardised area of the flipped problem, unstandardised
+    assert metrics["pauc"] == pytest.approx(0.02 + 0.36 * (roc_auc_score(1 - y, -p, max_fpr=0.2) - 0.5), abs=1e-12)
     tn, fp = metrics["confusion_matrix"][0]
     assert tn + fp == metrics["n"] - metrics["n_positive"]
 
 
+@pytest.mark.slow
 def test_predict_reproduces_test_metrics(tiny_run):
     out, _ = tiny_run
     before = json.loads((out / "test" / "metrics.json").read_text())
@@ -70,6 +76,7 @@ def test_predict_reproduces_test_metrics(tiny_run):
     assert json.loads((out / "test" / "metrics.json").read_text()) == before
 
 
+@pytest.mark.slow
 def test_predict_on_unlabelled_images(tiny_run, tiny_data, tmp_path):
     out, _ = tiny_run
     result = cli("predict.py", "--run", out, "--images", tiny_data / "train-image" / "image", "--out", tmp_path)
@@ -78,6 +85,7 @@ def test_predict_on_unlabelled_images(tiny_run, tiny_data, tmp_path):
     assert len(predictions) == 160 and predictions["probability"].between(0, 1).all()
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tiny_run, tiny_data):
     out, _ = tiny_run
     result = cli("driver.py", "--data-dir", tiny_data, "--out", out, *TINY)
@@ -98,6 +106,7 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
     assert message in result.stderr
 
 
+@pytest.mark.slow
 @needs(SAMPLE)
 def test_real_sample_end_to_end(tmp_path):
     out = tmp_path / "r"

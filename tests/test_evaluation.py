@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import predict
-from conftest import ROOT
+from conftest import ROOT, tiny
 from demo import make_dataset
 from metrics import (auroc, bootstrap_ci, bootstrap_weights, expected_calibration_error, partial_auc,
                      prior_corrected_logits, roc_areas, sigmoid)
 from modules import SiameseNet
-from predict import DihedralTTA, knn_scores, prototype_scores
+from augment import DihedralTTA
+from retrieval import knn_scores, prototype_scores
 
-TINY = ["--backbone", "resnet18", "--img-size", "32", "--epochs", "1", "--batch-size", "16", "--workers", "0",
-        "--embedding-dim", "8", "--no-tsne"]
+TINY = tiny(1)
 
 
 def scored(n, seed=0):
@@ -122,6 +122,7 @@ def test_tta_of_a_flip_and_rotation_invariant_image_equals_the_plain_prediction(
 
 # ---------------------------------------------------------------- a tiny run writes every new output
 
+@pytest.mark.slow
 def test_tiny_run_writes_calibration_pr_gallery_and_tta(tmp_path, capsys):
     data, out = make_dataset(tmp_path / "data", n_images=80, malignant_rate=0.3, size=36, seed=2), tmp_path / "r"
     result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
@@ -143,8 +144,12 @@ def test_tiny_run_writes_calibration_pr_gallery_and_tta(tmp_path, capsys):
             assert r["pauc_ci95"][0] - 1e-9 <= r["pauc"] <= r["pauc_ci95"][1] + 1e-9  # a tied scorer: all 0.02
     assert m["scorers"]["knn"]["k"] == json.loads((out / "val" / "metrics.json").read_text())["scorers"]["knn"]["k"]
     assert m["bootstrap"]["resamples"] == 1000 and m["bootstrap"]["unit"] == "patient"
-    assert 0 <= m["calibration"]["ece"] <= 1 and 0 <= m["calibration"]["brier"] <= 1
     p = pd.read_csv(out / "test" / "predictions.csv")
+    y, prob = p["target"].to_numpy(), p["probability"].to_numpy()
+    assert m["calibration"]["brier"] == pytest.approx(np.mean((prob - y) ** 2), abs=1e-9)
+    bins = [(prob >= lo) & ((prob < lo + 0.1) if lo < 0.85 else (prob <= 1)) for lo in np.arange(10) / 10]
+    ece = sum(b.sum() / len(y) * abs(y[b].mean() - prob[b].mean()) for b in bins if b.any())
+    assert m["calibration"]["ece"] == pytest.approx(ece, abs=1e-9)
     prevalence = m["calibration"]["train_prevalence"]
     logit = np.log(p["probability"] / (1 - p["probability"]))
     expected = sigmoid(logit + np.log(prevalence / (1 - prevalence)))

@@ -14,12 +14,12 @@ import torch
 
 import driver
 import train
-from conftest import ROOT
+from conftest import ROOT, tiny
 from demo import make_dataset
-from utils import UserError, load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from utils import UserError
 
-TINY = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--embedding-dim", "16", "--no-tsne",
-        "--epochs", "3"]
+TINY = tiny(3, workers=None)
 
 # driver.main in a child process with one function patched, to put a fault at an exact point of a real run.
 CHILD = r"""
@@ -128,6 +128,7 @@ def resumed(terminated):
     return out, finish(start("driver.py", "--resume", out, "--workers", "2"), check=0)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_keeps_previous_checkpoint(killed):
     out, result, leftovers = killed
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -138,6 +139,7 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(killed):
     assert len(leftovers) == 1 and leftovers[0].startswith(".last.pt.") and leftovers[0].endswith(".tmp")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly_and_says_how_to_resume(terminated):
     out, returncode, stdout, stderr = terminated
     assert returncode == 2, stderr[-3000:]
@@ -149,6 +151,7 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(terminated):
     assert not list(out.rglob("*.tmp"))  # the resume cleared what the SIGKILL left
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_uninterrupted_run(reference, resumed):
     out, result = resumed
     assert "resuming at epoch 3 of 3" in result.stdout
@@ -161,6 +164,7 @@ def test_resumed_run_matches_uninterrupted_run(reference, resumed):
         assert all(torch.allclose(got[k].float(), want[k].float(), rtol=0, atol=1e-6) for k in want)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_history(runs):
     # The reference run built the image cache, this one found it: neither may change the result.
     pd.testing.assert_frame_equal(history(runs["again"]), history(runs["reference"]), check_exact=True)
@@ -168,6 +172,7 @@ def test_same_seed_gives_identical_history(runs):
     assert metrics[0] == metrics[1]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, monkeypatch, capsys):
     real_epoch = train.train_one_epoch
 

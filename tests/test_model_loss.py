@@ -5,7 +5,8 @@ from pytorch_metric_learning.losses import ContrastiveLoss
 
 from config import Settings
 from modules import SiameseNet, build_model
-from train import JointLoss, build_optimizer
+from losses import JointLoss
+from train import build_optimizer
 from utils import UserError
 
 
@@ -15,13 +16,18 @@ def test_forward_returns_embedding_and_one_logit_per_image():
     assert embedding.shape == (3, 16) and logit.shape == (3,)
 
 
-def test_shared_weights_siamese_twins_agree():
+def test_siamese_twins_share_one_set_of_weights():
+    """Same image → same embedding; different images → different embeddings; one weight changed → both move."""
+    torch.manual_seed(0)
     model = SiameseNet("resnet18", embedding_dim=8).eval()
-    x = torch.rand(2, 3, 32, 32)
+    a, b = torch.rand(2, 3, 32, 32).unbind()
     with torch.no_grad():
-        batched, _ = model(x)
-        single, _ = model(x[1:])
-    assert torch.allclose(batched[1], single[0], atol=1e-5)
+        twins, _ = model(torch.stack([a, b, a]))
+        assert torch.allclose(twins[0], twins[2], atol=1e-6)
+        assert (twins[0] - twins[1]).abs().max() > 1e-3
+        model.trunk.conv1.weight[0, 0, 0, 0] += 1.0  # one weight both twins go through
+        moved, _ = model(torch.stack([a, b]))
+    assert (moved[0] - twins[0]).abs().max() > 1e-4 and (moved[1] - twins[1]).abs().max() > 1e-4
 
 
 def test_loss_is_weighted_bce_plus_pml_contrastive():

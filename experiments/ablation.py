@@ -1,6 +1,6 @@
 """Ablation in one command: BCE only, contrastive loss scored by kNN, and the joint loss, over several seeds.
 
-    python ablation.py --data-dir DATA --seeds 0 1 2 --out runs/ablation [any driver.py flag, e.g. --epochs 8]
+    python -m experiments.ablation --data-dir DATA --seeds 0 1 2 --out runs/ablation [any driver.py flag, e.g. --epochs 8]
 
 The split is made once (driver.py --check-data, from --seed, default 42) and given to every run with --splits,
 so only the training seed changes. Each run is an ordinary run folder (OUT/<variant>-seed<N>) that predict.py can
@@ -10,19 +10,16 @@ Prints mean ± std over seeds of test AUROC and pAUC for each variant and scorer
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from config import parse_cli
-from driver import run
-from utils import UserError, write_csv
+import pipeline
+from config import SEED, Parser, parse_cli
+from experiments.variants import CONTRASTIVE_ONLY, train_and_test
+from utils import cli_main, write_csv
 
-# Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
-CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
 # name → (loss weights, scorers reported); the head of a model trained without BCE is not a classifier
 VARIANTS = {
     "bce-only": ({"w_cl": 0.0}, ["head", "knn", "prototype"]),
@@ -31,14 +28,9 @@ VARIANTS = {
 }
 
 
-def train_and_test(given: dict) -> dict:
-    """One driver.py run; its test metrics."""
-    return json.loads((run(given) / "test" / "metrics.json").read_text())
-
-
 def ablation(given: dict, seeds, out: Path) -> pd.DataFrame:
     split_dir = out / "split"
-    run({**given, "out": str(split_dir), "check_data": True})  # writes split_dir/splits.csv once
+    pipeline.run({**given, "out": str(split_dir), "check_data": True})  # writes split_dir/splits.csv once
     rows = []
     for seed in seeds:
         for name, (weights, scorers) in VARIANTS.items():
@@ -60,23 +52,22 @@ def summary(results: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                epilog="Every other flag is passed to driver.py (see python driver.py --help).")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+def run(argv=None) -> None:
+    p = Parser(description=__doc__.splitlines()[0],
+               epilog="Every other flag is passed to driver.py (see python driver.py --help).")
+    p.add_argument("--seeds", type=SEED, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--out", default="runs/ablation", help="folder for the runs and ablation.csv")
     args, rest = p.parse_known_args(argv)
-    try:
-        given = parse_cli(rest)
-        if len(args.seeds) < 2:
-            print("note: one seed gives no standard deviation", file=sys.stderr)
-        results = ablation(given, args.seeds, Path(args.out))
-        print("\n" + summary(results))
-        print(f"\nper-run numbers: {Path(args.out) / 'ablation.csv'}")
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    given = parse_cli(rest)
+    if len(args.seeds) < 2:
+        print("note: one seed gives no standard deviation", file=sys.stderr)
+    results = ablation(given, args.seeds, Path(args.out))
+    print("\n" + summary(results))
+    print(f"\nper-run numbers: {Path(args.out) / 'ablation.csv'}")
+
+
+def main(argv=None) -> int:
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Throughput benchmark: the real training/evaluation loops and input pipeline against their bare limits.
 
-    python bench.py                 # CPU cases (and the CUDA case when a GPU is present)
-    python bench.py --scale         # also: a full-size (33,126 x 256 px) memory-mapped cache, peak memory
+    python -m experiments.bench                 # CPU cases (and the CUDA case when a GPU is present)
+    python -m experiments.bench --scale         # also: a full-size (33,126 x 256 px) memory-mapped cache, peak memory
 
 Every ratio is measured side by side in one process on the same machine, so machine noise largely cancels.
 """
@@ -22,10 +22,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from config import Settings
-from dataset import BatchAugment, ImageDataset, eval_loader, image_loader, prepare_data, to_float, train_loader
+from augment import BatchAugment, to_float
+from dataset import ImageDataset, eval_loader, image_loader, prepare_data, train_loader
 from demo import make_dataset
+from inference import evaluate
+from losses import build_loss
 from modules import SiameseNet
-from train import build_loss, build_optimizer, evaluate, train_one_epoch
+from train import build_optimizer, train_one_epoch
 from utils import autocast_dtype, seed_everything
 
 
@@ -199,7 +202,7 @@ def main():
         data_dir = make_dataset(root / f"data-{n_images}", n_images=n_images, size=256, seed=0) \
             if not (root / f"data-{n_images}").exists() else root / f"data-{n_images}"
         s = dataclasses.replace(Settings(data_dir=str(data_dir), workers=0, cache_dir=str(root / "cache")), **overrides)
-        data = prepare_data(s, root / "out")
+        data = prepare_data(s)
         rows += case(name, s, device, data, s.workers, steps)
         print("\n".join(rows[-2:]), flush=True)
         if name.startswith("resnet18"):

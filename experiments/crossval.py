@@ -1,6 +1,6 @@
 """Patient-grouped k-fold cross-validation: colour baseline vs BCE-only vs contrastive + kNN vs the joint loss.
 
-    python crossval.py --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
+    python -m experiments.crossval --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
 
 Each fold holds out a disjoint set of patients as its test split; the rest is split again by patient into train and
 validation (the threshold, kNN's k and, unless --select-metric last, the epoch are chosen there). Every method sees
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
-from ablation import CONTRASTIVE_ONLY, train_and_test
-from baseline import fit_colour_baseline, score_colour_baseline
-from config import COUNT, Parser, Settings, parse_cli, settings_from_cli
-from dataset import (_one_group_fold, find_layout, leakage_groups, load_duplicates, load_images, load_metadata,
-                     read_splits, split_unit, write_splits)
+from config import COUNT, NOT_OUTCOME, Parser, Settings, parse_cli, settings_from_cli
+from dataset import load_images
+from experiments.baseline import fit_colour_baseline, score_colour_baseline
+from experiments.variants import CONTRASTIVE_ONLY, train_and_test
+from metadata import find_layout, load_duplicates, load_metadata
 from metrics import auroc, partial_auc
-from utils import UserError, write_csv, write_text
+from splits import fold_splits, leakage_groups, read_splits, split_unit, write_splits
+from utils import UserError, cli_main, write_csv, write_text
 
 # key → (name in the table, flags for driver.py, which scorer of test/metrics.json to read)
 METHODS = {
@@ -34,30 +34,13 @@ METHODS = {
 }
 
 
-def fold_splits(frame: pd.DataFrame, groups: np.ndarray, folds: int, seed: int, val_frac: float = 0.15):
-    """Yield one split column per fold: test = that fold's leakage groups (patients, duplicate pairs); val/train
-    split the rest by group."""
-    y = frame["target"].to_numpy()
-    outer = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for rest, test in outer.split(frame, y, groups):
-        train, val = _one_group_fold(rest, y[rest], groups[rest], round((1 - 1 / folds) / val_frac), seed)
-        split = np.empty(len(frame), dtype=object)
-        split[train], split[val], split[test] = "train", "val", "test"
-        yield split
-
-
-# Settings that say where things are or how fast they run, not what is computed.
-WHERE_AND_HOW_FAST = {"data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir", "out", "overwrite",
-                      "resume", "workers", "device", "versions"}
-
-
 def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
     """The test metrics of a fold run that already finished with these settings on this fold, else None."""
     config, metrics = run_dir / "config.json", run_dir / "test" / "metrics.json"
     if not (config.is_file() and metrics.is_file()):
         return None
     wanted, done = settings_from_cli(given).to_dict(), json.loads(config.read_text())
-    if any(done.get(k) != v for k, v in wanted.items() if k not in WHERE_AND_HOW_FAST):
+    if any(done.get(k) != v for k, v in wanted.items() if k not in NOT_OUTCOME):
         return None
     same_fold = read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(
         read_splits(splits_csv)[["isic_id", "split"]])
@@ -73,7 +56,7 @@ def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, floa
     return auroc(test["target"], p), partial_auc(test["target"], p)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> None:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folds", type=COUNT, default=5, help="number of patient-grouped folds, at least 2 (default 5)")
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
@@ -82,14 +65,10 @@ def main(argv=None) -> int:
                    help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
                    "methods to a table)")
     args, driver_flags = p.parse_known_args(argv)
-    try:
-        return run(args, driver_flags)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    crossval(args, driver_flags)
 
 
-def run(args, driver_flags) -> int:
+def crossval(args, driver_flags) -> None:
     if args.folds < 2:
         raise UserError("--folds must be at least 2: each fold is the test split once")
     given = parse_cli(driver_flags)
@@ -126,7 +105,6 @@ def run(args, driver_flags) -> int:
     flags = " ".join(driver_flags) + (" (AUROC and pAUC with test-time augmentation)" if s.tta else "")
     write_text(out / "crossval.md", f"driver.py flags: {flags}\n\n{markdown(table)}")
     print(f"\n{markdown(table)}\nper-fold results: {out / 'crossval.csv'}")
-    return 0
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -141,6 +119,10 @@ def print_table(rows, folds):
     fold = rows[-1][1] if rows else 0
     table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
     print(f"\n--- after fold {fold}/{folds} ---\n" + markdown(table), flush=True)
+
+
+def main(argv=None) -> int:
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

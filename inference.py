@@ -1,0 +1,67 @@
+"""Inference: a saved run's model, and its predictions (probabilities, logits, embeddings) over a set of images."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from augment import to_float
+from checkpoints import evaluation_weights, load_checkpoint
+from config import Settings
+from dataset import image_loader
+from modules import build_model
+from utils import UserError, autocast_dtype
+
+
+@dataclass
+class Predictions:
+    targets: np.ndarray
+    probabilities: np.ndarray
+    logits: np.ndarray
+    embeddings: np.ndarray
+    loss: float
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluating") -> Predictions:
+    """Score every image of `loader` in order, without augmentation."""
+    model.eval()
+    targets, logits, embeddings, losses = [], [], [], []
+    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
+        images = to_float(images.to(device, non_blocking=True))
+        batch_targets = batch_targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            batch_embeddings, batch_logits = model(images)
+        if loss_fn is not None:
+            losses.append(loss_fn(batch_embeddings, batch_logits, batch_targets)[0] * len(batch_targets))
+        targets.append(batch_targets)
+        logits.append(batch_logits.float())
+        embeddings.append(batch_embeddings.float())
+    logits = torch.cat(logits).cpu().numpy()
+    return Predictions(
+        targets=torch.cat(targets).cpu().numpy().astype(int),
+        probabilities=1 / (1 + np.exp(-logits.astype(np.float64))),
+        logits=logits,
+        embeddings=torch.cat(embeddings).cpu().numpy(),
+        loss=float(torch.stack(losses).sum() / len(logits)) if losses else float("nan"),
+    )
+
+
+def load_run(run_dir, device, checkpoint: str = "best.pt") -> tuple[Settings, torch.nn.Module]:
+    """The settings and best (or another checkpoint's) model of a finished or interrupted run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.json)")
+    s = Settings.from_dict(json.loads((run_dir / "config.json").read_text()))
+    model = build_model(s, initial_weights=False)
+    model.load_state_dict(evaluation_weights(load_checkpoint(run_dir / checkpoint)))
+    return s, model.to(device).to(memory_format=torch.channels_last).eval()
+
+
+def score(model, dataset, s, device) -> Predictions:
+    loader = image_loader(dataset, s.eval_batch_size, device, s.workers, shuffle=False)
+    return evaluate(model, loader, device, autocast_dtype(device))

@@ -1,0 +1,128 @@
+"""One run from settings to results: data → split → train → val/test evaluation, new or resumed.
+
+driver.py is its command line; the experiment scripts call `run` with the flags of each of their runs.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from checkpoints import evaluation_weights, load_checkpoint, require_resumable
+from config import RESUMABLE, Settings, settings_from_cli
+from dataset import data_report, prepare_data
+from demo import make_dataset
+from evaluation import evaluate_run
+from modules import build_model
+from reports import summary_line
+from splits import write_splits
+from train import fit
+from utils import (UserError, barrier, broadcast, init_distributed, is_main, library_versions, pick_device,
+                   seed_everything, set_deterministic, write_json, write_text)
+
+DEMO_DATA = Path("data/demo")
+CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
+
+
+def run(given: dict) -> Path:
+    s, checkpoint = resume_settings(given) if "resume" in given else (new_settings(given), None)
+    device = init_distributed(pick_device(s.device))
+    s.out = broadcast(s.out)  # a default folder name holds the time: every rank takes rank 0's
+    out = Path(s.out)
+    seed_everything(s.seed)
+    set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
+    print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
+
+    if not is_main():
+        barrier()  # rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it
+    data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else s.splits)
+    if is_main():
+        barrier()
+    report = data_report(data)
+    if s.check_data and not s.check_images:
+        report += "images not decoded: add --check-images to decode every one\n"
+    if is_main():  # the only process that writes files
+        claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
+        if not checkpoint:
+            write_splits(data.frame, out / "splits.csv")
+        write_text(out / "data_report.txt", report)
+    print(report)
+    if s.check_data:
+        if data.problems:
+            raise UserError(f"data not usable: {data.problems[0]} (report: {out / 'data_report.txt'})")
+        print(f"data is usable; split written to {out / 'splits.csv'}")
+        return out
+    if is_main():
+        write_json(out / "config.json", s.to_dict())
+
+    seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
+    model = build_model(s, initial_weights=checkpoint is None)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    fit(model, data, s, out, device, resume_from=checkpoint)
+    if not is_main():
+        return out  # rank 0 evaluates val and test alone, with the whole model
+
+    model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
+    metrics = evaluate_run(out, s, model, data, device, s.tta)
+    print(f"\ntest: {summary_line(metrics, out / 'test')}")
+    print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")
+    return out
+
+
+def new_settings(given: dict) -> Settings:
+    s = settings_from_cli(given)
+    s.versions = library_versions()
+    if s.demo and not s.data_dir and not s.csv:
+        s.data_dir = str(demo_data())
+    # Absolute paths, so that predict.py works from any folder.
+    for name in ("data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir"):
+        if getattr(s, name):
+            setattr(s, name, str(Path(getattr(s, name)).resolve()))
+    s.out = str(check_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))
+    return s
+
+
+def check_out_dir(out, overwrite: bool, tag: str) -> Path:
+    """The run folder, checked before any slow step: an existing run is only replaced with --overwrite,
+    and a folder holding anything but a run or a --check-data result is never touched."""
+    out = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{tag}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    names = {p.name for p in out.iterdir()} if out.exists() else set()
+    if "config.json" in names and not overwrite:
+        raise UserError(f"{out} already holds a run: continue it with --resume {out}, or replace it with --overwrite")
+    if "config.json" not in names and names - CHECK_DATA_FILES:
+        raise UserError(f"--out {out} is a non-empty folder that is not a run; choose another folder")
+    return out
+
+
+def claim_out_dir(out: Path, overwrite: bool) -> None:
+    if overwrite and (out / "config.json").is_file():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def resume_settings(given: dict) -> tuple[Settings, dict]:
+    out = Path(given["resume"])
+    if not (out / "config.json").is_file() or not (out / "last.pt").is_file():
+        raise UserError(f"nothing to resume in {out}: it needs config.json and last.pt from an earlier run")
+    extra = set(given) - RESUMABLE
+    if extra:
+        raise UserError(f"--resume takes its settings from {out / 'config.json'}; only "
+                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE - {'resume'}))} may be given")
+    s = Settings.from_dict({**json.loads((out / "config.json").read_text()), **given, "out": str(out)})
+    checkpoint = load_checkpoint(out / "last.pt")
+    require_resumable(checkpoint, out / "last.pt")  # now, not after an hour of building the image cache
+    return s, checkpoint
+
+
+def demo_data() -> Path:
+    if not (DEMO_DATA / "train-metadata.csv").is_file():
+        print(f"generating a synthetic demo dataset in {DEMO_DATA} ...")
+        make_dataset(DEMO_DATA)
+    return DEMO_DATA

@@ -1,0 +1,112 @@
+"""The files of an evaluated set of labelled images: metrics.json, predictions.csv, the classification report, the
+plots, and the printed summary."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import average_precision_score
+
+import plots
+from inference import Predictions
+from metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
+                     prior_corrected_logits, sigmoid)
+from retrieval import embedding_space
+from utils import write_csv, write_json, write_text
+
+BOOTSTRAP = 1000  # resamples behind each 95% confidence interval
+
+
+@dataclass
+class Scoring:
+    """One scoring of a labelled set (plain or TTA) and the choices made on validation."""
+    pred: Predictions
+    threshold: float
+    embedding_scores: dict = field(default_factory=dict)  # "knn", "prototype" → one score per image
+    k: int | None = None
+
+
+def prior_probability(pred: Predictions, prevalence: float) -> np.ndarray:
+    return sigmoid(prior_corrected_logits(pred.logits, prevalence))
+
+
+def labelled_metrics(sc: Scoring, groups, prevalence: float, s, resamples: int) -> dict:
+    """Threshold metrics of the head, AUROC and pAUC with 95% CIs for every scorer, and calibration."""
+    y, p = sc.pred.targets, sc.pred.probabilities
+    scores = {"head": p, **sc.embedding_scores}
+    ci = bootstrap_ci(y, scores, groups, resamples, seed=s.seed)
+    m = {**all_metrics(y, p, sc.threshold), "auroc_ci95": ci["head"]["auroc"], "pauc_ci95": ci["head"]["pauc"]}
+    m["scorers"] = {name: {"auroc": auroc(y, v), "pauc": partial_auc(y, v), "auroc_ci95": ci[name]["auroc"],
+                           "pauc_ci95": ci[name]["pauc"]} for name, v in scores.items()}
+    if sc.k is not None:
+        m["scorers"]["knn"]["k"] = int(sc.k)
+    if len(np.unique(y)) == 2:
+        m["average_precision"] = float(average_precision_score(y, p))
+        m["calibration"] = calibration_metrics(y, p, prior_probability(sc.pred, prevalence), prevalence)
+    return m
+
+
+def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, prevalence: float = 0.5,
+                   resamples: int = BOOTSTRAP) -> dict:
+    """metrics.json, predictions.csv, classification_report.txt and the plots for one labelled set of images.
+
+    `scorings` holds "plain" and, with --tta, "tta"; the top-level metrics are the plain head's.
+    """
+    out_dir = Path(out_dir)
+    plain = scorings["plain"]
+    y, p, threshold = plain.pred.targets, plain.pred.probabilities, plain.threshold
+    has_patients = groups is not None and pd.Series(groups).notna().any()
+    metrics = {**labelled_metrics(plain, groups, prevalence, s, resamples), **extra,
+               "bootstrap": {"resamples": resamples, "level": 0.95, "seed": s.seed,
+                             "unit": "patient" if has_patients else "image", "stratified_by": "class"}}
+    columns = {"isic_id": ids, "target": y}
+    for view, sc in scorings.items():
+        suffix = "_tta" if view == "tta" else ""
+        columns[f"probability{suffix}"] = sc.pred.probabilities
+        columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
+        columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
+        if view == "tta":
+            metrics["tta"] = {**labelled_metrics(sc, groups, prevalence, s, resamples),
+                              "threshold_chosen_on": "val with TTA (Youden's J)"}
+    write_csv(out_dir / "predictions.csv", pd.DataFrame(columns))
+    write_text(out_dir / "classification_report.txt", classification_report(y, p, threshold))
+    if len(np.unique(y)) == 2:
+        plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png")
+        plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png")
+        plots.calibration_plot(y, {"raw (50% training prior)": p,
+                                   f"prior-corrected ({100 * prevalence:.1f}%)": prior_probability(plain.pred, prevalence)},
+                               out_dir / "calibration.png")
+    plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
+    plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png", seed=s.seed,
+                          tsne=s.tsne)  # the space the contrastive loss shaped
+    write_json(out_dir / "metrics.json", metrics)  # last: its presence means the evaluation finished
+    return metrics
+
+
+def summary_line(m: dict, out_dir) -> str:
+    """One line of threshold metrics, then a table of AUROC and pAUC with 95% CIs per scorer, then calibration."""
+    line = (f"AUROC {m['auroc']:.4f}  pAUC {m['pauc']:.4f}  at threshold {m['threshold']:.4f}: "
+            f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
+            f"balanced accuracy {m['balanced_accuracy']:.3f}  (n={m['n']}, {m['n_positive']} malignant) → {out_dir}")
+    if "scorers" not in m:
+        return line
+    rows = [f"  {'scorer':<18} {'AUROC [95% CI]':<24} pAUC [95% CI]"]
+    for view, part in (("", m), (", TTA", m.get("tta"))):
+        for name, r in (part or {}).get("scorers", {}).items():
+            label = f"kNN (k={r['k']})" if name == "knn" else name
+            rows.append(f"  {label + view:<18} {_with_ci(r['auroc'], r['auroc_ci95']):<24} "
+                        f"{_with_ci(r['pauc'], r['pauc_ci95'])}")
+    b = m.get("bootstrap", {})
+    rows.append(f"  95% CIs: {b.get('resamples')} bootstrap resamples by {b.get('unit')}, stratified by class")
+    if "calibration" in m:
+        c = m["calibration"]
+        rows.append(f"  calibration: Brier {c['brier']:.4f} (prior-corrected {c['brier_prior_corrected']:.4f})  "
+                    f"ECE {c['ece']:.4f} (prior-corrected {c['ece_prior_corrected']:.4f})  "
+                    f"training prevalence {100 * c['train_prevalence']:.2f}%")
+    return "\n".join([line, *rows])
+
+
+def _with_ci(value: float, ci) -> str:
+    return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
