@@ -1,0 +1,105 @@
+"""Patient metadata as model input: age, sex and anatomic site as numbers, the encoding fitted on the training split.
+
+Age is standardised (mean and standard deviation of the training split) with a missing-value indicator; a missing age
+becomes the training mean (0 after scaling). Sex and site are one-hot over the categories seen in training plus
+"unknown", which takes missing values and every category training never saw. The fitted encoding is plain JSON
+(metadata_encoder.json in the run folder), so predict.py encodes new data exactly as training did.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from utils import UserError, write_json
+
+# Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.
+SOURCES = {"age": ("age_approx", "age"), "sex": ("sex",),
+           "site": ("anatom_site_general_challenge", "anatom_site_general", "anatom_site")}
+UNKNOWN = "unknown"
+ENCODER_FILE = "metadata_encoder.json"
+
+
+def parse_fields(text: str) -> list[str]:
+    """--metadata age,sex,site → the fields in a fixed order; '' or 'none' → []."""
+    wanted = [f.strip() for f in text.split(",") if f.strip() and f.strip() != "none"]
+    unknown = set(wanted) - set(SOURCES)
+    if unknown:
+        raise UserError(f"--metadata: unknown field(s) {', '.join(sorted(unknown))}; choose from {', '.join(SOURCES)}")
+    return [f for f in SOURCES if f in wanted]
+
+
+def find_columns(frame: pd.DataFrame, fields: list[str]) -> dict[str, str]:
+    columns = {}
+    for name in fields:
+        found = next((c for c in SOURCES[name] if c in frame.columns), None)
+        if found is None:
+            raise UserError(f"--metadata {name} needs a column {' or '.join(SOURCES[name])}, which the metadata lacks; "
+                            "add one with --extra-csv, e.g. the official ISIC_2020_Training_GroundTruth.csv")
+        columns[name] = found
+    return columns
+
+
+def categories_of(values: pd.Series) -> pd.Series:
+    return values.astype("string").str.strip().str.lower().fillna(UNKNOWN).replace("", UNKNOWN)
+
+
+@dataclass
+class MetadataEncoder:
+    columns: dict[str, str]                        # field → CSV column
+    age_mean: float = 0.0
+    age_scale: float = 1.0
+    categories: dict[str, list[str]] = field(default_factory=dict)  # sex/site → known values, "unknown" last
+
+    @classmethod
+    def fit(cls, train: pd.DataFrame, fields: list[str]) -> "MetadataEncoder":
+        encoder = cls(find_columns(train, fields))
+        for name, column in encoder.columns.items():
+            if name == "age":
+                ages = pd.to_numeric(train[column], errors="coerce").to_numpy(dtype=float)[:, None]
+                scaler = StandardScaler().fit(ages)  # NaN ignored in fit
+                encoder.age_mean, encoder.age_scale = float(scaler.mean_[0]), float(scaler.scale_[0])
+            else:
+                seen = sorted(set(categories_of(train[column])) - {UNKNOWN})
+                encoder.categories[name] = [*seen, UNKNOWN]
+        return encoder
+
+    @property
+    def width(self) -> int:
+        return sum(2 if name == "age" else len(self.categories[name]) for name in self.columns)
+
+    def feature_names(self) -> list[str]:
+        names = []
+        for name in self.columns:
+            names += ["age", "age_missing"] if name == "age" else [f"{name}={c}" for c in self.categories[name]]
+        return names
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """(N, width) float32; new data with missing values or unseen categories is encoded, never refused."""
+        parts = []
+        for name in self.columns:
+            column = find_columns(frame, [name])[name]
+            if name == "age":
+                ages = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+                missing = np.isnan(ages)
+                parts.append(np.stack([np.where(missing, 0.0, (ages - self.age_mean) / self.age_scale), missing], 1))
+            else:
+                known = self.categories[name]
+                values = categories_of(frame[column]).where(lambda v: v.isin(known), UNKNOWN)
+                one_hot = OneHotEncoder(categories=[known], sparse_output=False).fit(np.array(known)[:, None])
+                parts.append(one_hot.transform(values.to_numpy()[:, None]))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def save(self, run_dir) -> None:
+        write_json(Path(run_dir) / ENCODER_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, run_dir) -> "MetadataEncoder":
+        path = Path(run_dir) / ENCODER_FILE
+        if not path.is_file():
+            raise UserError(f"{path} is missing: the run was trained with --metadata and needs its encoder")
+        return cls(**json.loads(path.read_text()))
