@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench crossval clean
+.PHONY: demo test test-fast bench crossval gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ bench: $(VENV)/.installed
 SAMPLE ?= ../shared/data/isic2020-sample
 crossval: $(VENV)/.installed
 	$(PY) -m experiments.crossval --data-dir $(SAMPLE) --profile cpu --no-tsne --cv-out runs/crossval
+
+# On a CUDA machine, with the python3 (and torch) already installed there: no venv, no network; a missing
+# pytorch-metric-learning comes from wheels/. Dry run on a CPU:
+#   make gpu-check GPU_PY=.venv/bin/python OUT=gpu-check-dry FLAGS="--device cpu --tiny"
+GPU_PY ?= python3
+OUT ?= gpu-check-out
+gpu-check:
+	$(GPU_PY) -m experiments.gpu_check --out $(OUT) $(FLAGS)
 
 clean:
 	rm -rf runs cache data/demo

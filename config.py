@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -72,6 +71,9 @@ class Settings:
                                        group="data", outcome=False)
     duplicates: Optional[str] = setting(None, "CSV of duplicate pairs (image_name_1, image_name_2) kept in one split",
                                         group="data", outcome=False)
+    extra_csv: Optional[str] = setting(None, "CSV of more columns (e.g. diagnosis) joined onto the metadata by "
+                                       "image id (isic_id or image_name), e.g. the official "
+                                       "ISIC_2020_Training_GroundTruth.csv", group="data", outcome=False)
     splits: Optional[str] = setting(None, "use this splits.csv (isic_id, split) instead of making a new split",
                                     group="data", outcome=False)  # e.g. cross-validation's folds
     split_by: str = setting("patient", "leakage-free split unit (default {default})", group="data",
@@ -86,8 +88,10 @@ class Settings:
                              action="store_true")
     skip_bad_images: bool = setting(False, "drop unreadable images instead of stopping", group="data",
                                     action="store_true")
-    workers: int = setting(min(4, os.cpu_count() or 1), "data loader worker processes (default {default})",
-                           group="data", type=SEED, resumable=True, outcome=False)
+    # None: chosen by pipeline.loader_workers from the device and data path; config.json records the number used
+    workers: Optional[int] = setting(None, "data loader worker processes (default: 0 on a CPU reading the image "
+                                     "cache, min(4, cores) on a GPU or with --no-cache)",
+                                     group="data", type=SEED, resumable=True, outcome=False)
     # model
     backbone: str = setting("resnet50", "trunk (default {default})", group="model",
                             choices=["resnet18", "resnet34", "resnet50"])
@@ -103,6 +107,14 @@ class Settings:
     normalize_embeddings: bool = setting(True, "use raw instead of L2-normalised embeddings in the contrastive "
                                          "distance", group="loss", flag="--no-normalize-embeddings",
                                          action="store_false")
+    xbm: int = setting(0, "cross-batch memory: pair each batch also with the last N training embeddings "
+                       "(pytorch-metric-learning CrossBatchMemory; per process under torchrun); 0 = off "
+                       "(default {default})", group="loss", type=SEED)
+    miner: str = setting("none", "pair miner for the contrastive term: only the pairs it picks count "
+                         "(default {default})", group="loss", choices=["none", "multisimilarity", "batchhard"])
+    pair_labels: str = setting("target", "labels that make contrastive pairs: target (benign/malignant) or "
+                               "diagnosis (the metadata's 'diagnosis' column, see --extra-csv; the head keeps the "
+                               "target) (default {default})", group="loss", choices=["target", "diagnosis"])
     # optimisation
     epochs: int = setting(15, "epochs (default {default})", group="optimisation", type=COUNT)
     batch_size: int = setting(64, "training batch, half benign half malignant; per process under torchrun "
@@ -132,6 +144,9 @@ class Settings:
                          action="store_false")
     tta: bool = setting(False, "also evaluate val/test with 8-fold flip/rotation test-time augmentation "
                         "(metrics.json 'tta'; 8x the evaluation time)", group="run", action="store_true")
+    # only what neighbours.csv lists: nothing trained or scored depends on it
+    neighbours: int = setting(5, "nearest training lesions listed per image in neighbours.csv (default {default})",
+                              group="run", type=COUNT, resumable=True, outcome=False)
     resume: Optional[str] = setting(None, "continue the interrupted run in this folder", group="run",
                                     resumable=True, outcome=False)
     overwrite: bool = setting(False, "replace an existing run folder given by --out", group="run",

@@ -1,6 +1,7 @@
 """The images a run reads: decoded once into a memory-mapped cache, served to training and evaluation by loaders."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 from PIL import Image
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader, Dataset
@@ -18,9 +20,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from metadata import find_layout, load_metadata, locate_images
+from metadata import find_layout, join_columns, load_metadata, locate_images, pair_label_codes
 from splits import SPLITS, apply_saved_split, read_splits, require_both_classes, split_rows
-from utils import UserError, atomic_path, world_size, write_json
+from utils import UserError, atomic_path, require_free_space, world_size, write_json
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -28,8 +30,30 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 
 # ---------------------------------------------------------------- images
 
+# Largest image decoded: 100 megapixels (10,000 x 10,000; ISIC 2020's largest originals are 6000 x 4000 = 24 MP).
+# A decompression bomb, a few-kilobyte file whose header claims 40,000 x 40,000 pixels, would need 4.8 GB once decoded.
+MAX_MEGAPIXELS = 100
+
+
+def refuse_huge(path) -> None:
+    """Read only the header's dimensions (PIL decodes nothing until load) and refuse an image above MAX_MEGAPIXELS."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # PIL warns above 89 MP; the limit is ours
+        try:
+            with Image.open(path) as pil:
+                width, height = pil.size
+        except Image.DecompressionBombError as e:  # PIL's own refusal, above twice its 89-megapixel default
+            raise ValueError(f"{str(e).rstrip('.')}; refused undecoded (limit {MAX_MEGAPIXELS} megapixels)") from None
+    if width * height > MAX_MEGAPIXELS * 1_000_000:
+        raise ValueError(f"its header claims {width}x{height} pixels ({width * height / 1e6:,.0f} megapixels), above "
+                         f"the {MAX_MEGAPIXELS}-megapixel limit: refused undecoded (a possible decompression bomb)")
+
+
 def decode(path, size: int) -> torch.Tensor:
-    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → RGB uint8 (3, size, size); shorter side resized, centre-cropped."""
+    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → RGB uint8 (3, size, size); shorter side resized, centre-cropped.
+
+    Files that are not images, or claim more than MAX_MEGAPIXELS, raise before anything is decoded."""
+    refuse_huge(path)
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         image = decode_image(data, mode=ImageReadMode.RGB)
@@ -74,7 +98,10 @@ def cached_images(paths, size: int, cache_dir, workers: int):
     """Memory-mapped uint8 array (N, 3, size, size) of all images, built once and reused across runs.
 
     The cache key covers every file's name, size and modification time, and the image size: any change rebuilds it.
-    Returns (array, {index: error}) — unreadable images stay zero in the array and are listed in the errors.
+    Runs sharing a cache folder (two experiments at once, torchrun processes, nodes on one network disk) build it once:
+    the first takes a lock, the others wait for it and then read what it built. A cache that is truncated or damaged is
+    rebuilt, never read as images. Returns (array, {index: error}) — unreadable images stay zero in the array and are
+    listed in the errors.
     """
     key = hashlib.sha1(str(size).encode())
     for p in paths:
@@ -82,32 +109,90 @@ def cached_images(paths, size: int, cache_dir, workers: int):
         key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{key.hexdigest()[:16]}"
     array_path, index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
-    if not index_path.is_file():  # written last: its presence means the array is complete
-        with atomic_path(array_path) as tmp:
-            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-            errors = decode_all(paths, size, workers, array, desc=f"caching {len(paths)} images at {size}px")
-            array.flush()
-            del array
-        write_json(index_path, {"n": len(paths), "size": size, "errors": {str(k): v for k, v in errors.items()}})
+    problem = _cache_problem(array_path, index_path, len(paths), size)
+    if problem:
+        if problem != "absent":
+            print(f"image cache {array_path} is {problem}: rebuilding it", flush=True)
+        with _cache_lock(stem.with_suffix(".lock")):
+            if _cache_problem(array_path, index_path, len(paths), size):  # else another process built it meanwhile
+                _build_cache(array_path, index_path, paths, size, workers)
     errors = {int(k): v for k, v in json.loads(index_path.read_text())["errors"].items()}
     return np.load(array_path, mmap_mode="r"), errors
 
 
+def _cache_problem(array_path: Path, index_path: Path, n: int, size: int) -> str | None:
+    """Why the cache cannot be read ("absent", or what is damaged), or None when it is whole.
+
+    The index is written last, after the array was renamed into place: without it the array may be half-built. With
+    it, the array's header must give the expected shape and the file must be exactly as long as header and images
+    (recorded in the index too): a truncated or overwritten file fails here. (A full checksum would read the whole
+    cache, gigabytes, at every start.)"""
+    if not index_path.is_file():
+        return "absent"
+    try:
+        index = json.loads(index_path.read_text())
+        array = np.load(array_path, mmap_mode="r")
+        length = array_path.stat().st_size
+    except (OSError, ValueError) as e:  # missing, unreadable, a header numpy rejects, shorter than its header says
+        return f"damaged ({type(e).__name__}: {str(e)[:120]})"
+    expected = array.offset + array.nbytes
+    index = index if isinstance(index, dict) else {}
+    if array.shape != (n, 3, size, size) or array.dtype != np.uint8 or length != index.get("bytes", expected) \
+            or length != expected or not isinstance(index.get("errors"), dict):
+        return f"damaged ({length:,} bytes of shape {array.shape}; expected {expected:,} of {(n, 3, size, size)})"
+    return None
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path):
+    """Hold `path` locked (filelock: an OS lock released even if this process is killed); say so when waiting."""
+    lock = FileLock(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"waiting for another process to finish the image cache (lock {path})", flush=True)
+            lock.acquire()
+    except OSError as e:  # a read-only or missing cache folder
+        raise UserError(f"cannot build the image cache in {path.parent}: {e.strerror or e}; pass --cache-dir with a "
+                        f"writable folder, or --no-cache") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _build_cache(array_path: Path, index_path: Path, paths, size: int, workers: int) -> None:
+    shape = (len(paths), 3, size, size)
+    require_free_space(array_path.parent, int(np.prod(shape)), "the image cache")
+    with atomic_path(array_path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        errors = decode_all(paths, size, workers, array, desc=f"caching {len(paths)} images at {size}px")
+        array.flush()
+        del array
+    write_json(index_path, {"n": len(paths), "size": size, "bytes": array_path.stat().st_size,
+                            "errors": {str(k): v for k, v in errors.items()}})
+
+
 class ImageDataset(Dataset):
-    """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,)), a whole batch per fetch.
+    """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,), int64 pair labels (B,)), a whole batch per
+    fetch. Pair labels are what the contrastive term pairs by: the targets unless given (e.g. diagnosis codes).
+    One item, dataset[i], is (image, target).
 
     Fetching by batch (__getitems__) turns a batch from the cache into one sorted read of the memory-mapped array
     instead of B small ones, and skips the per-image collation; use it through `image_loader`.
     """
 
-    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None):
+    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None, pair_labels=None):
         self.rows, self.targets, self.paths, self.size, self.cache = np.asarray(rows), targets, paths, size, cache
+        self.pair_labels = np.asarray(targets if pair_labels is None else pair_labels)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        images, targets = self.__getitems__([i])
+        images, targets, _ = self.__getitems__([i])
         return images[0], targets[0]
 
     def __getitems__(self, indices):
@@ -119,7 +204,8 @@ class ImageDataset(Dataset):
             images = torch.from_numpy(images)
         else:
             images = torch.stack([self._decode(row) for row in rows])
-        return images, torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32)
+        return (images, torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32),
+                torch.as_tensor(self.pair_labels[indices], dtype=torch.int64))
 
     def _decode(self, row):
         try:
@@ -133,16 +219,25 @@ def _whole_batch(batch):
 
 
 def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, **kw) -> DataLoader:
+    """A loader that never draws from the global torch random generator.
+
+    Every new iterator draws a base seed for its workers, from the loader's `generator` or else from the global one.
+    A persistent loader draws it only when first iterated: in epoch 1 of an uninterrupted run but in the first epoch
+    after a --resume, whose augmentations then came one draw later in the stream than the uninterrupted run's. With
+    a generator of its own, every epoch's global stream belongs to train.seed_epoch and the training step alone, with
+    any number of workers (the workers themselves draw no random numbers: ImageDataset is deterministic).
+    """
     kw.setdefault("persistent_workers", workers > 0 and "sampler" in kw)  # training loaders live for many epochs
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_whole_batch,
-                      pin_memory=device.type == "cuda", **kw)
+                      pin_memory=device.type == "cuda", generator=torch.Generator(), **kw)
 
 
 # ---------------------------------------------------------------- the data a run uses
 
 @dataclass
 class Data:
-    frame: pd.DataFrame          # isic_id, patient_id, target, split, group, split_by, row (index into paths and cache)
+    frame: pd.DataFrame          # isic_id, patient_id, target, pair_label, split, group, split_by, row (index into
+                                 # paths and cache), + joined columns (metadata.join_columns) when asked for
     paths: list
     cache: np.ndarray | None
     bad_images: dict             # isic_id -> error, for unreadable images (skipped with --skip-bad-images)
@@ -151,7 +246,8 @@ class Data:
 
     def dataset(self, split: str, size: int) -> ImageDataset:
         part = self.frame[self.frame["split"] == split]
-        return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache)
+        return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache,
+                            part["pair_label"].to_numpy() if "pair_label" in part else None)
 
 
 def _unreadable(errors: dict, paths) -> str:
@@ -168,7 +264,16 @@ def read_images(ids, paths, s):
         cache, errors = cached_images(paths, s.img_size, s.cache_dir, s.workers)
     if errors and not s.skip_bad_images:
         raise UserError(_unreadable(errors, paths))
+    if errors:
+        print(_skipped(errors, paths), flush=True)
     return cache, {ids[i]: error for i, error in sorted(errors.items())}
+
+
+def _skipped(errors: dict, paths, shown: int = 10) -> str:
+    """--skip-bad-images: name what was left out (data_report.txt lists every one for a run)."""
+    named = [f"  {paths[i]}: {error}" for i, error in sorted(errors.items())[:shown]]
+    more = [f"  ... and {len(errors) - shown} more"] if len(errors) > shown else []
+    return "\n".join([f"skipping {len(errors)} unreadable image(s):", *named, *more])
 
 
 def load_images(frame: pd.DataFrame, image_dir, s):
@@ -196,6 +301,10 @@ def prepare_data(s, splits_path=None) -> Data:
     """
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     frame = load_metadata(csv_path)
+    if s.extra_csv or s.pair_labels != "target":
+        frame = join_columns(frame, csv_path, s.extra_csv)
+    source = f"{csv_path}" + (f" + {s.extra_csv}" if s.extra_csv else "")
+    frame["pair_label"] = pair_label_codes(frame, s.pair_labels, source)  # what the contrastive term pairs by
     ids = list(frame["isic_id"])
     frame["row"] = np.arange(len(frame))  # position in `paths` and in the image cache
     paths, missing = locate_images(ids, image_dir)

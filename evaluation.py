@@ -1,5 +1,6 @@
 """Evaluation: score a run's val/test split, another labelled dataset or new images with every scorer (head, kNN,
-prototype; with TTA when asked), choosing the threshold and k on val and reusing them everywhere else."""
+prototype; with TTA when asked) against the run's stored training embeddings, choosing the threshold and k on val and
+reusing them everywhere else; list each image's nearest training lesions (neighbours.csv, similar.png)."""
 from __future__ import annotations
 
 import json
@@ -8,37 +9,64 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from augment import DihedralTTA
 from dataset import ImageDataset, load_images
-from explain import write_gallery
+from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
 from metadata import IMAGE_EXTENSIONS, find_layout, load_metadata
 from metrics import auroc, partial_auc, youden_threshold
+from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
-from retrieval import embedding_space, knn_scores, prototype_scores
-from splits import read_splits
+from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 
 
-def scoring(pred: Predictions, reference: Predictions | None, s, chosen: dict | None) -> Scoring:
-    """Choose the threshold (Youden's J) and k here when `chosen` is None (the val split), else reuse val's."""
+def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True,
+            device=None) -> Scoring:
+    """Choose the threshold (Youden's J) and k here when `chosen` is None (the val split), else reuse val's.
+    Labelled images also get retrieval metrics against the training split."""
     if chosen is None:
         threshold = youden_threshold(pred.targets, pred.probabilities)
     else:
         threshold = chosen["threshold"]
-    if reference is None:
-        return Scoring(pred, threshold)
-    train, query = embedding_space(reference.embeddings, s), embedding_space(pred.embeddings, s)
+    train, query = embedding_space(refs.embeddings[view], s), embedding_space(pred.embeddings, s)
     if chosen is None:
-        by_k = knn_scores(train, reference.targets, query, K_GRID)
+        by_k = knn_scores(train, refs.targets, query, K_GRID)
         metric = auroc if s.select_metric == "auroc" else partial_auc
         k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
     else:
         k = chosen["scorers"]["knn"]["k"]
-        by_k = knn_scores(train, reference.targets, query, [k])
-    return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, reference.targets, query)}, k)
+        by_k = knn_scores(train, refs.targets, query, [k])
+    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets, device) if labelled else {}
+    return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}, k,
+                   retrieval)
+
+
+def chosen_on_val(val: dict, view: str) -> dict:
+    """The threshold and k that val chose for this view (plain or TTA)."""
+    chosen = val if view == "plain" else val.get("tta")
+    if chosen is None or "scorers" not in chosen:
+        flag = " --tta" if view == "tta" else ""
+        raise UserError(f"the run's val/metrics.json lacks the threshold and k chosen on val{flag}: evaluate val "
+                        f"again (predict.py --run RUN --split val{flag})")
+    return chosen
+
+
+def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, dataset, captions, labels=None) -> None:
+    """neighbours.csv: the --neighbours nearest training lesions of every image (plain embeddings);
+    similar.png: the `cases` beside their SIMILAR nearest ones."""
+    train, query = embedding_space(refs.embeddings["plain"], s), embedding_space(embeddings, s)
+    distances, rows = nearest(train, query, max(s.neighbours, SIMILAR))
+    k = min(s.neighbours, distances.shape[1])
+    table = pd.DataFrame({"query_id": np.repeat(np.asarray(ids), k), "rank": np.tile(np.arange(1, k + 1), len(ids)),
+                          "isic_id": refs.ids[rows[:, :k]].ravel(), "label": refs.targets[rows[:, :k]].ravel()})
+    if (refs.diagnosis != "").any():
+        table["diagnosis"] = refs.diagnosis[rows[:, :k]].ravel()
+    table["distance"] = distances[:, :k].ravel()
+    write_csv(Path(out_dir) / "neighbours.csv", table)
+    write_similar(dataset, captions, labels, cases, distances[:, :SIMILAR], rows[:, :SIMILAR], refs, s,
+                  Path(out_dir) / "similar.png")
 
 
 def read_val_metrics(run_dir) -> dict:
@@ -48,56 +76,52 @@ def read_val_metrics(run_dir) -> dict:
     return json.loads(path.read_text())
 
 
-def decision_threshold(run_dir) -> float:
-    return read_val_metrics(run_dir)["threshold"]
+def score_views(model, dataset, refs: References, s, device, tta: bool, val: dict | None,
+                 labelled: bool = True) -> dict:
+    """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
+    return {view: scoring(score(scorer, dataset, s, device), refs, view, s,
+                          None if val is None else chosen_on_val(val, view), labelled, device)
+            for view, scorer in views(model, tta).items()}
 
 
-def train_prevalence(run_dir) -> float:
-    """The malignant rate of the run's training split: the prior that prior-corrected probabilities assume."""
-    splits = read_splits(Path(run_dir) / "splits.csv")
-    return float(splits.loc[splits["split"] == "train", "target"].mean())
-
-
-def views(model, tta: bool) -> dict:
-    return {"plain": model, "tta": DihedralTTA(model)} if tta else {"plain": model}
-
-
-def train_references(model, data, s, device, tta: bool) -> dict:
-    """The training split's predictions (no augmentation; also with TTA when asked): what kNN and prototypes use."""
-    train = data.dataset("train", s.img_size)
-    return {view: score(scorer, train, s, device) for view, scorer in views(model, tta).items()}
+def write_labelled_set(out_dir, scorings: dict, refs: References, model, dataset, ids, s, device, extra: dict,
+                       groups, resamples: int) -> dict:
+    """gallery.png, neighbours.csv, similar.png, then write_labelled's files (metrics.json last)."""
+    out_dir, plain = Path(out_dir), scorings["plain"]
+    y, p = plain.pred.targets, plain.pred.probabilities
+    cases = gallery_cases(y, p, plain.threshold)
+    write_gallery(model, dataset, ids, plain.pred, plain.threshold, out_dir / "gallery.png", device, cases)
+    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, p)]
+    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions, y)
+    prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
+    return write_labelled(scorings, ids, out_dir, s, extra, groups, prevalence, resamples)
 
 
 def evaluate_split(run_dir, split: str, s, model, data, device, tta: bool = False, resamples: int = BOOTSTRAP,
-                   references: dict | None = None) -> dict:
+                   references: References | None = None) -> dict:
     """Evaluate the run's own val or test split. The threshold (Youden's J) and the kNN's k are chosen on val and
-    reused for test; kNN and prototype scores compare with the training split's embeddings (`references`)."""
+    reused for test; kNN, prototype and retrieval compare with the training split's embeddings (`references`)."""
     run_dir = Path(run_dir)
-    references = references or train_references(model, data, s, device, tta)
+    refs = references or train_references(run_dir, model, s, device, tta, data)
     val = None if split == "val" else read_val_metrics(run_dir)
     dataset = data.dataset(split, s.img_size)
-    scorings = {}
-    for view, scorer in views(model, tta).items():
-        chosen = None if val is None else val if view == "plain" else val["tta"]
-        scorings[view] = scoring(score(scorer, dataset, s, device), references[view], s, chosen)
+    scorings = score_views(model, dataset, refs, s, device, tta, val)
     part = data.frame[data.frame["split"] == split]
-    ids = part["isic_id"].to_numpy()
-    prevalence = float(data.frame.loc[data.frame["split"] == "train", "target"].mean())
-    plain = scorings["plain"]
-    write_gallery(model, dataset, ids, plain.pred, plain.threshold, run_dir / split / "gallery.png", device)
     extra = {"split": split, "threshold_chosen_on": "val (Youden's J)"}
-    return write_labelled(scorings, ids, run_dir / split, s, extra, part["patient_id"].to_numpy(), prevalence,
-                          resamples)
+    return write_labelled_set(run_dir / split, scorings, refs, model, dataset, part["isic_id"].to_numpy(), s, device,
+                              extra, part["patient_id"].to_numpy(), resamples)
 
 
 def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: int = BOOTSTRAP) -> dict:
     """The end of training: val (fixes the threshold and k), then test. Returns the test metrics."""
-    references = train_references(model, data, s, device, tta)
+    references = train_references(run_dir, model, s, device, tta, data)
     evaluate_split(run_dir, "val", s, model, data, device, tta, resamples, references)
     return evaluate_split(run_dir, "test", s, model, data, device, tta, resamples, references)
 
 
-def predict_images(folder, out_dir, s, model, device, threshold: float) -> pd.DataFrame:
+def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False) -> pd.DataFrame:
+    """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
+    neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -106,29 +130,44 @@ def predict_images(folder, out_dir, s, model, device, threshold: float) -> pd.Da
         raise UserError(f"no .jpg, .jpeg or .png images in {folder}")
     frame = pd.DataFrame({"isic_id": [f.stem for f in files], "target": 0})
     paths, cache, bad = load_images(frame, folder, s)
-    dataset = ImageDataset(np.arange(len(files)), np.zeros(len(files)), paths, s.img_size, cache)
-    pred = score(model, dataset, s, device)
-    result = pd.DataFrame({"isic_id": frame["isic_id"], "probability": pred.probabilities,
-                           "predicted_malignant": (pred.probabilities >= threshold).astype(int)})
-    result = result[~result["isic_id"].isin(bad)]
-    write_csv(Path(out_dir) / "predictions.csv", result)
+    rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
+    if len(rows) == 0:
+        raise UserError(f"no readable images in {folder}")
+    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache)
+    ids = frame["isic_id"].to_numpy()[rows]
+    val = read_val_metrics(run_dir)
+    refs = train_references(run_dir, model, s, device, tta)
+    scorings = score_views(model, dataset, refs, s, device, tta, val, labelled=False)
+    columns = {"isic_id": ids}
+    for view, sc in scorings.items():
+        suffix = "_tta" if view == "tta" else ""
+        columns[f"probability{suffix}"] = sc.pred.probabilities
+        columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
+        columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
+    plain = scorings["plain"]
+    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
+    cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
+    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
+    result = pd.DataFrame(columns)
+    write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
 
 
-def predict_dataset(data_dir, csv, image_dir, out_dir, s, model, device, threshold: float, prevalence: float,
+def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device, tta: bool = False,
                     resamples: int = BOOTSTRAP) -> dict:
-    """Every row of another labelled dataset. No kNN/prototype scores: they need the run's training images."""
+    """Every row of another labelled dataset, judged as the run's own test split: every scorer (with TTA when
+    asked) against the run's training split, with the threshold and k chosen on the run's val split."""
     csv_path, image_dir = find_layout(data_dir, csv, image_dir)
     frame = load_metadata(csv_path)
     paths, cache, bad = load_images(frame, image_dir, s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache)
-    pred = score(model, dataset, s, device)
-    ids = frame["isic_id"].to_numpy()[rows]
-    write_gallery(model, dataset, ids, pred, threshold, Path(out_dir) / "gallery.png", device)
+    val = read_val_metrics(run_dir)
+    refs = train_references(run_dir, model, s, device, tta)
+    scorings = score_views(model, dataset, refs, s, device, tta, val)
     extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)"}
-    return write_labelled({"plain": Scoring(pred, threshold)}, ids, out_dir, s, extra,
-                          frame["patient_id"].to_numpy()[rows], prevalence, resamples)
+    return write_labelled_set(out_dir, scorings, refs, model, dataset, frame["isic_id"].to_numpy()[rows], s, device,
+                              extra, frame["patient_id"].to_numpy()[rows], resamples)
 
 
 def needs_val(run_dir, tta: bool) -> bool:

@@ -1,4 +1,5 @@
-"""Pictures that explain a score: the gallery of confident hits and misses, with Grad-CAM heat maps."""
+"""Pictures that explain a score: the gallery of confident hits and misses with Grad-CAM heat maps, and the same
+cases beside their most similar training lesions (similar.png)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,15 +8,44 @@ import torch.nn.functional as F
 
 import plots
 from augment import to_float
+from dataset import decode
 from inference import Predictions
+from metadata import find_layout, locate_images
+from utils import UserError
 
 GALLERY = 4  # cases per row of gallery.png
+SIMILAR = 5  # training lesions beside each image in similar.png
+FIRST_IMAGES = 12  # predict.py --images: similar.png shows the first 12 images (sorted by file name)
+
+
+MIN_CAM_CELLS = 4  # a coarser map cannot say where: at 64 px the last block (layer4) has only 2 x 2 cells
+BLOCKS = (("layer4", 32), ("layer3", 16), ("layer2", 8), ("layer1", 4))  # ResNet blocks and their strides
+
+
+def cam_layer(size: int) -> tuple[str, int]:
+    """The deepest trunk block whose map has at least MIN_CAM_CELLS cells per side at this image size."""
+    return next(((name, stride) for name, stride in BLOCKS if size // stride >= MIN_CAM_CELLS), BLOCKS[-1])
+
+
+def upsample_aligned(cam: torch.Tensor, size: int, stride: int) -> torch.Tensor:
+    """(B, 1, h, w) → (B, size, size), each cell drawn where its receptive field is centred.
+
+    Every stride-2 step of a ResNet (7x7/pad 3, 3x3/pad 1, 1x1) keeps output i over input 2i, so cell i of a
+    stride-s map is centred on input pixel s*i. Bilinear upsampling with align_corners=False would draw it at
+    s*i + s/2 - 0.5 instead: at 64 px with 2 x 2 cells, the cell over the image centre (where lesions are) lands on
+    the bottom-right quadrant. Beyond the last cell the map is held constant."""
+    h, w = cam.shape[-2:]
+    axis = lambda n: (2 * torch.arange(size, device=cam.device) / stride / max(n - 1, 1) - 1).float()  # noqa: E731
+    gy, gx = torch.meshgrid(axis(h), axis(w), indexing="ij")
+    grid = torch.stack([gx, gy], -1)[None].expand(len(cam), -1, -1, -1)
+    return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
 def grad_cam(model, images) -> torch.Tensor:
-    """Grad-CAM of the malignant logit at the trunk's last block: (B, H, W) heat maps scaled to [0, 1]."""
+    """Grad-CAM of the malignant logit at cam_layer's block: (B, H, W) heat maps scaled to [0, 1]."""
     store = {}
-    hook = model.trunk.layer4.register_forward_hook(lambda module, inputs, output: store.update(a=output))
+    name, stride = cam_layer(images.shape[-1])
+    hook = getattr(model.trunk, name).register_forward_hook(lambda module, inputs, output: store.update(a=output))
     try:
         with torch.enable_grad():
             _, logits = model(images)
@@ -23,18 +53,32 @@ def grad_cam(model, images) -> torch.Tensor:
     finally:
         hook.remove()
     cam = F.relu((grads.mean((2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True))
-    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    cam = upsample_aligned(cam.float(), images.shape[-1], stride)
     return (cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).detach()
 
 
-def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path, device, n: int = GALLERY) -> None:
-    """gallery.png: the most confident true positives, false positives and false negatives, with Grad-CAM."""
-    y, p = pred.targets, pred.probabilities
+def cam_note(size: int) -> str:
+    name, stride = cam_layer(size)
+    cells = size // stride
+    why = f"; the last block has only {size // 32} x {size // 32}" if name != "layer4" else ""
+    return (f"Grad-CAM of the malignant logit at trunk.{name}: {cells} x {cells} cells at {size} px{why}; "
+            f"each cell drawn at its receptive field's centre")
+
+
+def gallery_cases(y, p, threshold: float, n: int = GALLERY) -> dict:
+    """The most confident true positives, false positives and false negatives: {title: [row indices]}."""
     called = p >= threshold
     most = np.argsort(-p, kind="stable")  # most melanoma-like first
-    pick = lambda mask, order: [i for i in order if mask[i]][:n]  # noqa: E731
-    chosen = {"true positives": pick((y == 1) & called, most), "false positives": pick((y == 0) & called, most),
-              "false negatives": pick((y == 1) & ~called, most[::-1])}
+    pick = lambda mask, order: [int(i) for i in order if mask[i]][:n]  # noqa: E731
+    return {"true positives": pick((y == 1) & called, most), "false positives": pick((y == 0) & called, most),
+            "false negatives": pick((y == 1) & ~called, most[::-1])}
+
+
+def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path, device, cases: dict | None = None,
+                  n: int = GALLERY) -> None:
+    """gallery.png: the most confident true positives, false positives and false negatives, with Grad-CAM."""
+    y, p = pred.targets, pred.probabilities
+    chosen = cases if cases is not None else gallery_cases(y, p, threshold, n)
     rows = {}
     for title, cases in chosen.items():
         if cases:
@@ -42,4 +86,48 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
             cams = grad_cam(model.eval(), images).cpu().numpy()
             images = images.permute(0, 2, 3, 1).cpu().numpy()
         rows[title] = [(images[j], cams[j], f"{ids[i]}\nP={p[i]:.3f}") for j, i in enumerate(cases)]
-    plots.gallery_plot(rows, path)
+    plots.cam_gallery_plot(rows, path, "Most confident cases (left: image with P(melanoma), right: Grad-CAM)\n"
+                           + cam_note(dataset[0][0].shape[-1]))
+
+
+def as_picture(image: torch.Tensor) -> np.ndarray:
+    """uint8 (3, H, W) → float (H, W, 3) in [0, 1], as matplotlib draws it."""
+    return image.permute(1, 2, 0).numpy() / 255.0
+
+
+def training_images(s, ids) -> dict | None:
+    """The run's training images by id at the run's image size; None when the run's data is no longer where its
+    config.json says (similar.png then cannot be drawn; neighbours.csv still can)."""
+    try:
+        _, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
+        paths, missing = locate_images(list(ids), image_dir)
+    except UserError:
+        return None
+    if missing:
+        return None
+    return {i: as_picture(decode(path, s.img_size)) for i, path in zip(ids, paths)}
+
+
+def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs, s, path) -> None:
+    """similar.png: each case of `cases` ({title: [indices into dataset]}) beside its nearest training lesions
+    (`rows`, `distances`: one row of neighbour indices and distances per image), malignant ones framed."""
+    chosen = [(title, i) for title, indices in cases.items() for i in indices]
+    if not chosen:
+        print(f"{path} not drawn: no cases to show")
+        return
+    needed = list(dict.fromkeys(refs.ids[j] for _, i in chosen for j in rows[i]))
+    images = training_images(s, needed)
+    if images is None:
+        print(f"{path} not drawn: the run's training images are no longer at {s.data_dir or s.image_dir}")
+        return
+    figure_rows = []
+    for title, i in chosen:
+        truth = None if labels is None else bool(labels[i])
+        query = (as_picture(dataset[i][0]), captions[i], truth)
+        neighbours = []
+        for j, d in zip(rows[i], distances[i]):
+            label = plots.CLASSES[int(refs.targets[j])] + (f" ({refs.diagnosis[j]})" if refs.diagnosis[j] else "")
+            neighbours.append((images[refs.ids[j]], f"{refs.ids[j]}\n{label}\nd={d:.3f}", bool(refs.targets[j])))
+        figure_rows.append((title, query, neighbours))
+    plots.similar_plot(figure_rows, path, f"distance: L2 between {'L2-normalised ' if s.normalize_embeddings else ''}"
+                       f"embeddings (plain, no TTA); malignant framed in red")

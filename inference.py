@@ -31,13 +31,14 @@ def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluati
     """Score every image of `loader` in order, without augmentation."""
     model.eval()
     targets, logits, embeddings, losses = [], [], [], []
-    for images, batch_targets in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
+    for images, batch_targets, pair_labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
         images = to_float(images.to(device, non_blocking=True))
         batch_targets = batch_targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             batch_embeddings, batch_logits = model(images)
         if loss_fn is not None:
-            losses.append(loss_fn(batch_embeddings, batch_logits, batch_targets)[0] * len(batch_targets))
+            batch_loss = loss_fn(batch_embeddings, batch_logits, batch_targets, pair_labels.to(device))[0]
+            losses.append(batch_loss * len(batch_targets))
         targets.append(batch_targets)
         logits.append(batch_logits.float())
         embeddings.append(batch_embeddings.float())

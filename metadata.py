@@ -134,3 +134,45 @@ def load_duplicates(path) -> list[tuple[str, str]]:
         raise UserError(f"{path}: expected two columns of image ids (image_name_1, image_name_2)")
     pairs = pairs.iloc[:, :2].dropna().apply(lambda column: column.str.strip())
     return list(pairs.itertuples(index=False, name=None))
+
+
+def join_columns(frame: pd.DataFrame, csv_path, extra_csv=None) -> pd.DataFrame:
+    """`frame` (from load_metadata) with every other column of the metadata CSV and of `extra_csv`, joined by image id.
+
+    The columns load_metadata validated (isic_id, patient_id, target) stay as they are; the metadata CSV's own columns
+    come before the extra CSV's, which only adds columns the metadata lacks (e.g. the official ground truth's
+    diagnosis, sex, age_approx, anatom_site_general_challenge onto the Kaggle 256 px layout). Rows of the extra CSV
+    that match no image are ignored; an image without a row there is an error: its columns would silently be empty.
+    """
+    joined = frame
+    for path, what in ((csv_path, "metadata CSV"), (extra_csv, "--extra-csv")):
+        if path is None:
+            continue
+        table = read_csv(path, what, dtype=str)
+        id_col = next((c for c in ID_COLUMNS if c in table.columns), None)
+        if id_col is None:
+            raise UserError(f"{path} has no image id column (isic_id or image_name) to join by; columns: "
+                            f"{str(list(table.columns))[:300]}")
+        ids = table[id_col].astype(str).str.strip()
+        if ids.duplicated().any():
+            raise UserError(f"{path}: duplicate image ids, e.g. {ids[ids.duplicated()].iloc[0]!r}")
+        new = [c for c in table.columns if c not in joined.columns and c not in ID_COLUMNS
+               and not c.startswith("Unnamed:")]
+        missing = ~frame["isic_id"].isin(set(ids))
+        if missing.any():
+            raise UserError(f"{path}: {int(missing.sum())} of {len(frame)} images have no row there (joined by "
+                            f"{id_col}), e.g. {', '.join(frame['isic_id'][missing].iloc[:3])}: is it the file of "
+                            f"this dataset?")
+        joined = joined.merge(table[new].assign(isic_id=ids), on="isic_id", how="left", validate="one_to_one")
+    return joined
+
+
+def pair_label_codes(frame: pd.DataFrame, kind: str, source: str = "the metadata") -> np.ndarray:
+    """Integer labels for contrastive pairs: the target, or one code per diagnosis (sorted names; empty = unknown)."""
+    if kind == "target":
+        return frame["target"].to_numpy()
+    if "diagnosis" not in frame.columns:
+        raise UserError(f"--pair-labels diagnosis needs a 'diagnosis' column, which {source} lacks: add one with "
+                        f"--extra-csv, e.g. the official ISIC_2020_Training_GroundTruth.csv")
+    names = frame["diagnosis"].fillna("unknown").astype(str).str.strip().str.lower().replace("", "unknown")
+    return np.searchsorted(np.unique(names), names)

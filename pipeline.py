@@ -4,7 +4,9 @@ driver.py is its command line; the experiment scripts call `run` with the flags 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,11 +22,12 @@ from modules import build_model
 from reports import summary_line
 from splits import write_splits
 from train import fit
-from utils import (UserError, barrier, broadcast, init_distributed, is_main, library_versions, pick_device,
-                   seed_everything, set_deterministic, write_json, write_text)
+from utils import (UserError, autocast_dtype, barrier, broadcast, init_distributed, is_main, library_versions,
+                   pick_device, seed_everything, set_deterministic, write_json, write_text)
 
 DEMO_DATA = Path("data/demo")
 CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
+DECODE_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def run(given: dict) -> Path:
@@ -34,11 +37,17 @@ def run(given: dict) -> Path:
     out = Path(s.out)
     seed_everything(s.seed)
     set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
-    print(f"run folder: {out}   device: {device}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
+    chosen = s.workers is not None
+    s.workers = s.workers if chosen else loader_workers(device, cached=not s.no_cache)
+    precision = str(autocast_dtype(device) or "float32").replace("torch.", "")
+    print(f"run folder: {out}   device: {device} ({precision})   workers: {s.workers}"
+          f"{'' if chosen else ' (default here)'}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
     if not is_main():
         barrier()  # rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it
-    data = prepare_data(s, splits_path=out / "splits.csv" if checkpoint else s.splits)
+    # Decoding JPEGs into the cache is CPU-bound and done once: parallel unless the user chose a number.
+    reading = s if chosen else dataclasses.replace(s, workers=DECODE_WORKERS)
+    data = prepare_data(reading, splits_path=out / "splits.csv" if checkpoint else s.splits)
     if is_main():
         barrier()
     report = data_report(data)
@@ -72,6 +81,14 @@ def run(given: dict) -> Path:
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")
     return out
+
+
+def loader_workers(device: torch.device, cached: bool) -> int:
+    """Loader processes when --workers is not given. None on a CPU reading the memory-mapped cache: a cached batch
+    costs the main process almost nothing, while worker processes compete with the model for the cores (on 2 cores,
+    2 workers trained at 0.67 of the bare model's rate, 0 workers at 0.98). Up to 4 on a GPU, whose pace needs the
+    overlap, and when every image is decoded on the fly (--no-cache)."""
+    return 0 if device.type == "cpu" and cached else DECODE_WORKERS
 
 
 def new_settings(given: dict) -> Settings:

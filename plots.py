@@ -43,6 +43,27 @@ def history_plots(history, out_dir) -> None:
     _curves(history, {"val_auroc": "validation"}, "AUROC", out_dir / "auroc.png", "Validation AUROC")
     _curves(history, {"val_pauc": "validation"}, "pAUC above 80% TPR (max 0.2)", out_dir / "pauc.png",
             "Validation partial AUC")
+    pairs_plot(history, out_dir / "pairs.png")
+
+
+def pairs_plot(history, path) -> None:
+    """What the contrastive term does, per epoch, over the training batches' pairs (losses.pair_stats).
+
+    The loss averages only the active pairs (non-zero loss), separately for positives and negatives: it can stay flat
+    while fewer pairs remain active; the fractions and distances show the change it hides."""
+    if "train_pos_active" not in history:  # a history from before these were logged
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, kind, ylabel in ((left, "active", "fraction of pairs with non-zero loss"),
+                             (right, "distance", "mean distance (L2, normalised: 0 to 2)")):
+        ax.plot(history["epoch"], history[f"train_pos_{kind}"], marker="o", label="positive pairs (same label)")
+        ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker="o", label="negative pairs")
+        ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    left.set(title="Active pairs in training batches", ylim=(-0.02, 1.02))
+    right.set(title="Distances in training batches")
+    save(fig, path)
 
 
 def roc_plot(y, p, threshold: float, metrics: dict, path) -> None:
@@ -124,4 +145,46 @@ def gallery_plot(rows: dict, path) -> None:
             axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
     fig.suptitle("Most confident cases (left: image with P(melanoma), right: Grad-CAM of the trunk's last block)",
                  fontsize=9)
+    save(fig, path)
+
+
+def similar_plot(rows: list, path, note: str = "") -> None:
+    """rows: (title, query, neighbours); query (image, caption, malignant or None when unknown); neighbours a list of
+    (image, caption, malignant), nearest first. Images (H, W, 3) in [0, 1]; malignant ones get a red frame."""
+    columns = 1 + max([len(n) for _, _, n in rows] + [1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.75 * columns + 0.4, 2.0 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (title, query, neighbours) in enumerate(rows):
+        for c, (image, caption, malignant) in enumerate([query, *neighbours]):
+            ax = axes[r, c]
+            ax.axis("on")
+            ax.imshow(image)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set(color="red" if malignant else "0.75", linewidth=3.5 if malignant else 0.8)
+            ax.text(0.02, 0.98, caption, transform=ax.transAxes, va="top", fontsize=6, color="white",
+                    bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+        axes[r, 0].set_title(title, loc="left", fontsize=8, fontweight="bold")
+    fig.suptitle("Each image (left) beside its nearest training-split lesions" + (f"; {note}" if note else ""),
+                 fontsize=8)
+    save(fig, path)
+
+
+def cam_gallery_plot(rows: dict, path, title: str) -> None:
+    """gallery_plot with a title that says how the heat maps were made (which block, how many cells)."""
+    columns = 2 * max([len(cases) for cases in rows.values()] + [1])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows) + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (row_title, cases) in enumerate(rows.items()):
+        axes[r, 0].set_title(row_title if cases else f"{row_title}: none", loc="left", fontsize=9, fontweight="bold")
+        for c, (image, cam, caption) in enumerate(cases):
+            axes[r, 2 * c].imshow(image)
+            axes[r, 2 * c].text(0.02, 0.98, caption, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
+                                color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+            axes[r, 2 * c + 1].imshow(image)
+            axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig.suptitle(title, fontsize=8)
     save(fig, path)

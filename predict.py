@@ -3,8 +3,8 @@
     python predict.py --run runs/X                      # re-evaluate the test split → runs/X/test/
     python predict.py --run runs/X --tta                # ... also with 8-fold flip/rotation test-time augmentation
     python predict.py --run runs/X --split val
-    python predict.py --run runs/X --data-dir OTHER     # every row of another labelled dataset
-    python predict.py --run runs/X --images FOLDER      # unlabelled images: probabilities only
+    python predict.py --run runs/X --data-dir OTHER     # every row of another labelled dataset, every scorer
+    python predict.py --run runs/X --images FOLDER      # unlabelled images: scores and nearest training lesions
 """
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from pathlib import Path
 
 from config import COUNT, Parser, add_settings
 from dataset import prepare_data
-from evaluation import (decision_threshold, evaluate_run, evaluate_split, needs_val, predict_dataset, predict_images,
-                        train_prevalence)
+from evaluation import evaluate_run, evaluate_split, needs_val, predict_dataset, predict_images
 from inference import load_run
 from reports import BOOTSTRAP, summary_line
-from utils import UserError, cli_main, pick_device
+from utils import cli_main, pick_device
 
 ELSEWHERE = {"data_dir": "another labelled dataset (same layouts as driver.py): score every row",
              "csv": "with --image-dir: another labelled dataset given by its CSV",
@@ -29,11 +28,12 @@ def build_parser() -> Parser:
     p = Parser(description="Evaluate or apply a saved run.")
     p.add_argument("--run", required=True, help="run folder written by driver.py")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split of the run to evaluate")
-    add_settings(p, ["data_dir", "csv", "image_dir", "device", "workers", "skip_bad_images"], help=ELSEWHERE)
-    p.add_argument("--images", help="a folder of unlabelled images: write probabilities only")
+    add_settings(p, ["data_dir", "csv", "image_dir", "device", "workers", "skip_bad_images", "neighbours"],
+                 help=ELSEWHERE)
+    p.add_argument("--images", help="a folder of unlabelled images: scores, neighbours.csv and similar.png")
     p.add_argument("--out", help="where --data-dir/--images results go (default: RUN/predict-<folder name>)")
     p.add_argument("--tta", action="store_true",
-                   help="also score with test-time augmentation (8 flips/rotations averaged); val/test splits only")
+                   help="also score with test-time augmentation (8 flips/rotations averaged)")
     p.add_argument("--bootstrap", type=COUNT, default=BOOTSTRAP,
                    help=f"bootstrap resamples for the 95%% confidence intervals (default {BOOTSTRAP})")
     p.set_defaults(device="auto")
@@ -47,23 +47,26 @@ def run(argv=None) -> None:
     s.skip_bad_images = args.skip_bad_images
     if args.workers is not None:
         s.workers = args.workers
+    if args.neighbours is not None:
+        s.neighbours = args.neighbours
     run_dir = Path(args.run)
+    tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
     if args.images or args.data_dir or args.csv:
-        if args.tta:
-            raise UserError("--tta applies to the run's own val/test splits, not to --images or --data-dir")
         source = Path(args.images or args.data_dir or args.csv)
         out_dir = Path(args.out) if args.out else run_dir / f"predict-{source.stem}"
-        threshold = decision_threshold(run_dir)
+        if needs_val(run_dir, tta):  # the threshold and k come from val: choose them first, as for the test split
+            data = prepare_data(s, splits_path=run_dir / "splits.csv")
+            evaluate_split(run_dir, "val", s, model, data, device, tta, args.bootstrap)
         if args.images:
-            result = predict_images(args.images, out_dir, s, model, device, threshold)
-            print(f"{len(result)} predictions (threshold {threshold:.4f}) → {out_dir / 'predictions.csv'}")
+            result = predict_images(args.images, out_dir, run_dir, s, model, device, tta)
+            print(f"{len(result)} predictions (val's threshold) → {out_dir / 'predictions.csv'}; nearest training "
+                  f"lesions → {out_dir / 'neighbours.csv'}, {out_dir / 'similar.png'}")
         else:
-            m = predict_dataset(args.data_dir, args.csv, args.image_dir, out_dir, s, model, device, threshold,
-                                train_prevalence(run_dir), args.bootstrap)
+            m = predict_dataset(args.data_dir, args.csv, args.image_dir, out_dir, run_dir, s, model, device, tta,
+                                args.bootstrap)
             print(summary_line(m, out_dir))
         return
     data = prepare_data(s, splits_path=run_dir / "splits.csv")
-    tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
     if args.split == "test" and needs_val(run_dir, tta):
         metrics = evaluate_run(run_dir, s, model, data, device, tta, args.bootstrap)
     else:

@@ -26,6 +26,7 @@ class Scoring:
     threshold: float
     embedding_scores: dict = field(default_factory=dict)  # "knn", "prototype" → one score per image
     k: int | None = None
+    retrieval: dict = field(default_factory=dict)  # retrieval.retrieval_metrics against the training split
 
 
 def prior_probability(pred: Predictions, prevalence: float) -> np.ndarray:
@@ -42,6 +43,8 @@ def labelled_metrics(sc: Scoring, groups, prevalence: float, s, resamples: int) 
                            "pauc_ci95": ci[name]["pauc"]} for name, v in scores.items()}
     if sc.k is not None:
         m["scorers"]["knn"]["k"] = int(sc.k)
+    if sc.retrieval:
+        m["retrieval"] = sc.retrieval
     if len(np.unique(y)) == 2:
         m["average_precision"] = float(average_precision_score(y, p))
         m["calibration"] = calibration_metrics(y, p, prior_probability(sc.pred, prevalence), prevalence)
@@ -98,6 +101,9 @@ def summary_line(m: dict, out_dir) -> str:
             label = f"kNN (k={r['k']})" if name == "knn" else name
             rows.append(f"  {label + view:<18} {_with_ci(r['auroc'], r['auroc_ci95']):<24} "
                         f"{_with_ci(r['pauc'], r['pauc_ci95'])}")
+    for view, part in (("", m), (", TTA", m.get("tta"))):
+        if (part or {}).get("retrieval"):
+            rows.append(retrieval_line(part["retrieval"], view))
     b = m.get("bootstrap", {})
     rows.append(f"  95% CIs: {b.get('resamples')} bootstrap resamples by {b.get('unit')}, stratified by class")
     if "calibration" in m:
@@ -106,6 +112,16 @@ def summary_line(m: dict, out_dir) -> str:
                     f"ECE {c['ece']:.4f} (prior-corrected {c['ece_prior_corrected']:.4f})  "
                     f"training prevalence {100 * c['train_prevalence']:.2f}%")
     return "\n".join([line, *rows])
+
+
+def retrieval_line(r: dict, view: str = "") -> str:
+    """Precision@1, R-precision and MAP@R: the mean of the benign and malignant queries' values, then malignant's."""
+    names = {"precision_at_1": "precision@1", "r_precision": "R-precision", "mean_average_precision_at_r": "MAP@R"}
+    mean, malignant = r["mean_of_classes"], r["per_class"].get("malignant", {})
+    both = "  ".join(f"{label} {mean[key]:.3f}" + (f" ({malignant[key]:.3f})" if malignant else "")
+                     for key, label in names.items())
+    return (f"  retrieval{view} vs {r['references']} training lesions: {both}  "
+            f"(mean of benign and malignant queries; malignant in brackets)")
 
 
 def _with_ci(value: float, ci) -> str:

@@ -1,7 +1,9 @@
-"""Scores from the embedding alone: the space the contrastive loss shaped, kNN and distance-to-prototype."""
+"""The embedding space the contrastive loss shaped: kNN and distance-to-prototype scores, the nearest training
+lesions of an image, and retrieval metrics (precision@1, R-precision, MAP@R)."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.neighbors import NearestNeighbors
 
 
@@ -24,3 +26,67 @@ def prototype_scores(train_embeddings, train_y, embeddings) -> np.ndarray:
     """Distance to the benign centroid minus distance to the malignant centroid: higher is closer to melanoma."""
     benign, malignant = (train_embeddings[np.asarray(train_y) == c].mean(0) for c in (0, 1))
     return np.linalg.norm(embeddings - benign, axis=1) - np.linalg.norm(embeddings - malignant, axis=1)
+
+
+def nearest(train_embeddings, embeddings, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest training embeddings by L2 distance: (distances, indices), each (N, k), nearest first.
+
+    torch.cdist's matrix-product shortcut picks the candidates; their distances are then recomputed directly, so an
+    embedding equal to a training one is at distance 0, not at the shortcut's rounding error (~1e-4)."""
+    train = torch.as_tensor(np.asarray(train_embeddings), dtype=torch.float32)
+    query = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    k = min(k, len(train))
+    distances, indices = [], []
+    for start in range(0, len(query), chunk):
+        q = query[start:start + chunk]
+        candidates = torch.cdist(q, train).topk(k, largest=False).indices
+        exact = (q[:, None, :] - train[candidates]).norm(dim=2)
+        order = exact.argsort(dim=1, stable=True)
+        distances.append(exact.gather(1, order))
+        indices.append(candidates.gather(1, order))
+    if not distances:
+        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+    return torch.cat(distances).numpy(), torch.cat(indices).numpy()
+
+
+RETRIEVAL_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+CLASS_NAMES = ("benign", "malignant")
+KNN_CELLS = 4_000_000  # queries x references per call of the calculator: bounds its float64 work tensors (~32 MB)
+
+
+def retrieval_metrics(train_embeddings, train_y, embeddings, y, device=None) -> dict:
+    """pytorch-metric-learning's precision@1, R-precision and MAP@R of labelled queries against the training split.
+
+    With two classes, R (the number of same-class references) is the whole class: every benign query ranks all
+    references (exact, k = R). The calculator runs one class at a time in chunks of queries, so its (queries x R)
+    work tensors stay small; per-sample means are then pooled. Reported per class, as the mean of the two classes
+    (a benign majority would otherwise decide the pooled numbers: 98% of ISIC queries) and pooled over all queries.
+    """
+    from pytorch_metric_learning.distances import LpDistance
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count", device=device or torch.device("cpu"),
+                                    knn_func=CustomKNN(LpDistance(normalize_embeddings=False)))
+    train = torch.as_tensor(np.asarray(train_embeddings), dtype=torch.float32)
+    train_y, y = np.asarray(train_y), np.asarray(y)
+    query = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
+    per_class = {}
+    for c, name in enumerate(CLASS_NAMES):
+        rows, r = np.flatnonzero(y == c), int((train_y == c).sum())
+        if len(rows) == 0 or r == 0:
+            continue
+        step = max(1, KNN_CELLS // len(train))
+        sums = dict.fromkeys(RETRIEVAL_METRICS, 0.0)
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
+            found = calculator.get_accuracy(query[chunk], y[chunk], train, train_y, ref_includes_query=False)
+            for metric in RETRIEVAL_METRICS:
+                sums[metric] += found[metric] * len(chunk)
+        per_class[name] = {**{m: v / len(rows) for m, v in sums.items()}, "queries": len(rows), "R": r}
+    queries = sum(v["queries"] for v in per_class.values())
+    pooled = lambda m: sum(v[m] * v["queries"] for v in per_class.values()) / queries  # noqa: E731
+    return {"reference": "training split", "references": len(train), "distance": "L2 in the embedding space",
+            "per_class": per_class,
+            "mean_of_classes": {m: float(np.mean([v[m] for v in per_class.values()])) for m in RETRIEVAL_METRICS},
+            "all_queries": {m: pooled(m) for m in RETRIEVAL_METRICS}}

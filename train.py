@@ -19,11 +19,12 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plots
+import webreport
 from augment import BatchAugment, to_float
 from checkpoints import FORMAT, save_checkpoint
 from dataset import eval_loader, train_loader
 from inference import evaluate
-from losses import build_loss
+from losses import PAIR_STATS, build_loss, epoch_pair_stats
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
 from utils import (UserError, autocast_dtype, barrier, is_main, rank, remove_stale_temporaries, rng_state,
                    seed_everything, set_rng_state, world_size, write_csv)
@@ -84,16 +85,16 @@ class NonFiniteLoss(Exception):
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
                     epoch: int, epochs: int, stop: StopRequest | None = None, ema=None) -> dict:
     model.train()
-    totals = np.zeros(4)  # loss, bce, contrastive, correct
+    totals = np.zeros(4 + len(PAIR_STATS))  # loss, bce, contrastive, correct, then the pair counts (losses.pair_stats)
     window, seen = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=None if is_main() else True)
-    for step, (images, targets) in enumerate(bar, start=1):
+    for step, (images, targets, pair_labels) in enumerate(bar, start=1):
         images = augment(to_float(images.to(device, non_blocking=True)))
-        targets = targets.to(device, non_blocking=True)
+        targets, pair_labels = targets.to(device, non_blocking=True), pair_labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             embeddings, logits = model(images)
-        loss, bce, contrastive = loss_fn(embeddings, logits, targets)
+        loss, bce, contrastive, pairs = loss_fn(embeddings, logits, targets, pair_labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -102,7 +103,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
         if ema is not None:
             ema.update_parameters(model)
         correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
-        window.append(torch.stack([loss.detach(), bce, contrastive, correct.float()]))
+        window.append(torch.cat([torch.stack([loss.detach(), bce, contrastive, correct.float()]), pairs]))
         seen += len(targets)
         if step % SYNC_EVERY == 0 or step == len(loader):
             values = torch.stack(window).cpu().numpy()  # the one host sync per window
@@ -110,7 +111,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
             if len(bad):
                 first = step - len(window) + bad[0] + 1
                 raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {first}")
-            totals += values.sum(0) * [len(targets), len(targets), len(targets), 1]
+            totals += values.sum(0) * [len(targets), len(targets), len(targets), *[1] * (1 + len(PAIR_STATS))]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             window = []
         if stop is not None and stop.signal:
@@ -120,8 +121,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
                               device=device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(summed)
         *totals, seen = summed.tolist()
-    loss, bce, contrastive, accuracy = (float(t / seen) for t in totals)
-    return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy}
+    loss, bce, contrastive, accuracy = (float(t / seen) for t in totals[:4])
+    return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy,
+            **epoch_pair_stats(totals[4:])}
 
 
 def validation_summary(pred) -> dict:
@@ -136,8 +138,8 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
     """Draw every epoch's randomness (sampler, augmentation) from (seed, epoch) alone.
 
     A resumed run then replays epoch k exactly as an uninterrupted one, whatever random numbers were drawn before it:
-    persistent loader workers draw their base seed only in the first epoch, evaluation loaders draw one each, and
-    MPerClassSampler shuffles its list of labels in place, carrying that order from one epoch to the next.
+    MPerClassSampler shuffles its list of labels in place, carrying that order from one epoch to the next. (The
+    loaders draw their workers' seeds from generators of their own, dataset.image_loader, never from this stream.)
     Under torchrun each rank adds its rank to the seed: its own batches and augmentations, as reproducible.
     """
     key = [seed, epoch] if world_size() == 1 else [seed, epoch, rank()]
@@ -160,7 +162,8 @@ def moving_average(model, decay: float, total_steps: int):
 
 @dataclass
 class TrainingState:
-    """Everything a checkpoint restores: weights, their moving average, optimiser, schedule, scaler and the record.
+    """Everything a checkpoint restores: weights, their moving average, optimiser, schedule, scaler, the loss's
+    cross-batch memory (--xbm; under torchrun rank 0's, restored on every rank) and the record.
 
     state_dict() holds only plain types and tensors (loadable with weights_only) and every random state, so that a
     resumed run replays the next epoch exactly as an uninterrupted one (see seed_epoch)."""
@@ -172,6 +175,7 @@ class TrainingState:
     epoch: int = 0
     best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": 0})
     history: list = field(default_factory=list)
+    loss: nn.Module | None = None
 
     def state_dict(self, s) -> dict:
         return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -179,7 +183,8 @@ class TrainingState:
                 "best": self.best, "history": self.history,
                 "ema": None if self.ema is None else self.ema.module.state_dict(),
                 "ema_updates": 0 if self.ema is None else int(self.ema.n_averaged), "rng": rng_state(),
-                "settings": s.to_dict(), "world_size": world_size()}
+                "settings": s.to_dict(), "world_size": world_size(),
+                "loss": None if self.loss is None else self.loss.state_dict()}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """The model's weights are loaded by the caller before the optimiser and the average are built on them."""
@@ -189,6 +194,8 @@ class TrainingState:
         if self.ema is not None and checkpoint["ema"] is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
             self.ema.n_averaged.fill_(checkpoint["ema_updates"])
+        if self.loss is not None and checkpoint.get("loss") is not None:  # absent before --xbm existed
+            self.loss.load_state_dict(checkpoint["loss"])
         self.epoch, self.best, self.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
         set_rng_state(checkpoint["rng"])
 
@@ -236,6 +243,7 @@ def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: flo
     write_csv(out_dir / "history.csv", history)
     if row["epoch"] == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
         plots.history_plots(history, out_dir)
+        webreport.write_report(out_dir, training=True)  # as often as the plots, which it shows
         plotted = time.time()
     print(epoch_line(row, s.epochs, improved), flush=True)
     return plotted
@@ -257,7 +265,8 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     loss_fn, augment = build_loss(s), BatchAugment()
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = TrainingState(model, moving_average(model, s.ema, s.epochs * len(loader)), optimizer, scheduler, scaler)
+    state = TrainingState(model, moving_average(model, s.ema, s.epochs * len(loader)), optimizer, scheduler, scaler,
+                          loss=loss_fn)
     compiled = torch.compile(model) if s.compile else model
     step_model = compiled
     if dist.is_initialized():

@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +27,53 @@ def cli_main(run, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+# ---------------------------------------------------------------- supported library versions
+
+# The oldest releases whose APIs this code uses. The newest of those APIs is torch.amp.GradScaler(device) (torch 2.3;
+# also used: get_ema_multi_avg_fn 2.1, DataLoader __getitems__ 2.0, weights_only loads); torchvision 0.18 is the
+# release built for torch 2.3 (transforms.v2.functional.to_dtype alone would need 0.16).
+OLDEST = {"torch": (2, 3), "torchvision": (0, 18)}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+def installed_versions() -> dict:
+    import importlib.metadata as md
+    found = {"torch": torch.__version__}
+    try:
+        found["torchvision"] = md.version("torchvision")
+    except md.PackageNotFoundError:
+        pass
+    return found
+
+
+def version_problem(found: dict | None = None) -> str | None:
+    """One line about a torch/torchvision older than OLDEST (or missing), else None."""
+    found = installed_versions() if found is None else found
+    oldest = " and ".join(f"{name} {'.'.join(map(str, v))}" for name, v in OLDEST.items())
+    for name, release in OLDEST.items():
+        if name not in found:
+            return f"{name} is not installed; this code needs {oldest} or newer (pip install -r requirements.txt)"
+        if _release(found[name]) < release:
+            return (f"{name} {found[name]} is older than this code supports ({oldest} or newer); "
+                    f"install requirements.txt's versions or a newer build")
+    return None
+
+
+def require_supported_versions() -> None:
+    problem = version_problem()
+    if problem:
+        raise UserError(problem)
+
+
+# Checked when this module is first imported, which every entry point does early on: an old release then stops the
+# program with one line at start-up instead of a traceback from deep inside a run.
+if version_problem():
+    sys.exit(f"error: {version_problem()}")
 
 
 # ---------------------------------------------------------------- reproducibility
@@ -94,6 +142,7 @@ def init_distributed(device: torch.device) -> torch.device:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
+    print(f"torchrun: {dist.get_world_size()} process(es), backend {dist.get_backend()}", flush=True)
     return device
 
 

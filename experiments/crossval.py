@@ -1,4 +1,5 @@
-"""Patient-grouped k-fold cross-validation: colour baseline vs BCE-only vs contrastive + kNN vs the joint loss.
+"""Patient-grouped k-fold cross-validation: colour baseline vs BCE-only vs contrastive + kNN vs the joint loss
+(and the joint loss with a cross-batch memory, a pair miner or diagnosis pairs), each paired with BCE-only per fold.
 
     python -m experiments.crossval --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
 
@@ -20,7 +21,8 @@ import pandas as pd
 from config import COUNT, NOT_OUTCOME, Parser, Settings, parse_cli, settings_from_cli
 from dataset import load_images
 from experiments.baseline import fit_colour_baseline, score_colour_baseline
-from experiments.variants import CONTRASTIVE_ONLY, train_and_test
+from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, MINED_PAIRS,
+                                   train_and_test)
 from metadata import find_layout, load_duplicates, load_metadata
 from metrics import auroc, partial_auc
 from splits import fold_splits, leakage_groups, read_splits, split_unit, write_splits
@@ -31,7 +33,11 @@ METHODS = {
     "bce": ("BCE only", {"w_cl": 0.0}, "head"),
     "knn": ("contrastive + kNN", CONTRASTIVE_ONLY, "knn"),
     "joint": ("joint (BCE + contrastive)", {}, "head"),
+    "xbm": ("joint + cross-batch memory 256", CROSS_BATCH_MEMORY, "head"),
+    "miner": ("joint + multi-similarity miner", MINED_PAIRS, "head"),
+    "diagnosis": ("joint + diagnosis pairs", DIAGNOSIS_PAIRS, "head"),
 }
+REFERENCE = "BCE only"  # every other method's per-fold difference is taken against it
 
 
 def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
@@ -60,7 +66,8 @@ def run(argv=None) -> None:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folds", type=COUNT, default=5, help="number of patient-grouped folds, at least 2 (default 5)")
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
-    p.add_argument("--methods", default="baseline,bce,knn,joint", help="comma-separated subset of the default")
+    p.add_argument("--methods", default="baseline,bce,knn,joint",
+                   help="comma-separated, from baseline, bce, knn, joint, xbm, miner, diagnosis (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
                    "methods to a table)")
@@ -100,11 +107,27 @@ def crossval(args, driver_flags) -> None:
             metrics = result.get("tta", result)["scorers"][which]  # with --tta the table is of the TTA scores
             rows.append((name, fold, metrics["auroc"], metrics["pauc"]))
         print_table(rows, args.folds)
-    table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
+    table = paired_differences(pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"]))
     write_csv(out / "crossval.csv", table)
     flags = " ".join(driver_flags) + (" (AUROC and pAUC with test-time augmentation)" if s.tta else "")
     write_text(out / "crossval.md", f"driver.py flags: {flags}\n\n{markdown(table)}")
     print(f"\n{markdown(table)}\nper-fold results: {out / 'crossval.csv'}")
+
+
+def paired_differences(table: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
+    """The table with each row's AUROC and pAUC minus the reference method's on the same fold (NaN for the reference
+    itself and where it has no result): the folds differ more from each other than the methods do, so only paired
+    differences can tell methods apart."""
+    ref = table[table["method"] == reference].set_index("fold")[["auroc", "pauc"]]
+    table = table.copy()
+    for metric in ("auroc", "pauc"):
+        diff = table[metric] - table["fold"].map(ref[metric])
+        table[f"{metric}_minus_bce"] = diff.where(table["method"] != reference)
+    return table
+
+
+def _signs(values) -> str:
+    return " ".join("+" if v > 0 else "−" if v < 0 else "0" for v in values)
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -112,6 +135,17 @@ def markdown(table: pd.DataFrame) -> str:
     for method, part in table.groupby("method", sort=False):
         lines.append(f"| {method} | {part['auroc'].mean():.3f} ± {part['auroc'].std(ddof=1):.3f} | "
                      f"{part['pauc'].mean():.3f} ± {part['pauc'].std(ddof=1):.3f} | {len(part)} |")
+    table = paired_differences(table[["method", "fold", "auroc", "pauc"]])
+    paired = table.dropna(subset=["auroc_minus_bce"])
+    if len(paired):
+        lines += ["", f"Paired per-fold differences against {REFERENCE} (method − {REFERENCE} on the same fold; "
+                  "signs in fold order):", "",
+                  "| method | Δ test AUROC (mean ± std) | per fold | Δ test pAUC (mean ± std) | per fold | folds |",
+                  "|---|---|---|---|---|---|"]
+        for method, part in paired.groupby("method", sort=False):
+            a, p = part["auroc_minus_bce"], part["pauc_minus_bce"]
+            lines.append(f"| {method} | {a.mean():+.3f} ± {a.std(ddof=1):.3f} | {_signs(a)} | "
+                         f"{p.mean():+.4f} ± {p.std(ddof=1):.4f} | {_signs(p)} | {len(part)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -7,6 +7,12 @@ from pipeline import run
 
 # Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
 CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
+# The joint loss with a contrastive term given a fairer chance (issue #14): more pairs per melanoma from a memory of
+# recent batches (256 = 8 batches of 32, about half an epoch of a fold of the sample), only the informative pairs,
+# or pairs by diagnosis (needs a 'diagnosis' column, e.g. --extra-csv ISIC_2020_Training_GroundTruth.csv).
+CROSS_BATCH_MEMORY = {"xbm": 256}
+MINED_PAIRS = {"miner": "multisimilarity"}
+DIAGNOSIS_PAIRS = {"pair_labels": "diagnosis"}
 
 
 def train_and_test(given: dict) -> dict:

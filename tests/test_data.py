@@ -6,7 +6,7 @@ import torch
 from config import Settings
 from conftest import METADATA, SAMPLE, needs
 from augment import BatchAugment
-from dataset import prepare_data, train_loader
+from dataset import eval_loader, prepare_data, train_loader
 from metadata import find_layout, load_duplicates, load_metadata
 from splits import leakage_groups, split_frame, write_splits
 from utils import UserError
@@ -118,10 +118,25 @@ def test_balanced_batches_and_epoch_length(tiny_data, tmp_path):
     loader = train_loader(data, s, torch.device("cpu"))
     n_train = int((data.frame["split"] == "train").sum())
     assert n_train > 3 * s.batch_size
-    batches = [targets for _, targets in loader]
+    batches = [targets for _, targets, _ in loader]
     assert len(batches) == n_train // s.batch_size  # one epoch = the training split, not 100,000 samples
     for targets in batches:
         assert targets.sum().item() == s.batch_size // 2
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_the_global_torch_stream_alone(tiny_data, tmp_path, workers):
+    """A persistent training loader drew its workers' seed in its first epoch only, from the global stream: that draw
+    shifted the first epoch after a --resume against the uninterrupted run's (issue #13)."""
+    s = settings(tiny_data, tmp_path)
+    s.workers = workers
+    data = prepare_data(s)
+    device = torch.device("cpu")
+    for loader in (train_loader(data, s, device), eval_loader(data, "val", s, device)):
+        for epoch in range(2):
+            before = torch.get_rng_state()
+            next(iter(loader))
+            assert torch.equal(torch.get_rng_state(), before), (loader.persistent_workers, epoch)
 
 
 def test_odd_batch_size_is_refused(tiny_data, tmp_path):

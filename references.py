@@ -1,0 +1,110 @@
+"""The training split's embeddings, computed once per run and stored in the run folder (train_embeddings.pt).
+
+kNN, prototype and retrieval compare every scored image with the training lesions. Re-embedding ~25,000 training
+images for each folder of new images would cost more than scoring the folder, so the embeddings are stored with the
+SHA-256 of the weights that made them: a changed best.pt (or any other weights) no longer matches, and they are
+recomputed.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from augment import DihedralTTA
+from checkpoints import save_checkpoint
+from dataset import prepare_data
+from inference import score
+from metadata import ID_COLUMNS, find_layout, read_csv
+
+STORE = "train_embeddings.pt"
+FORMAT = 1  # raise when the stored fields change
+
+
+@dataclass
+class References:
+    """The training split as the embedding space sees it: one row per training image."""
+    ids: np.ndarray         # isic_id
+    targets: np.ndarray     # 0/1
+    diagnosis: np.ndarray   # the metadata's `diagnosis` column, "" where it has none
+    embeddings: dict        # view ("plain", "tta") → (N, D) float32 raw model embeddings
+    weights_sha256: str
+
+
+def views(model, tta: bool) -> dict:
+    """The scorers of one model: plain, and the mean over the 8 dihedral views with TTA."""
+    return {"plain": model, "tta": DihedralTTA(model)} if tta else {"plain": model}
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 of every tensor of the state dict (names, dtypes, values), whatever the device or memory format."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{flat.dtype}|{flat.numel()}\n".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def diagnosis_column(s, ids) -> np.ndarray:
+    """The `diagnosis` of each id from the run's metadata CSV, else from its --extra-csv (the official ground truth
+    has one; the Kaggle file has not); "" where neither says."""
+    sources = [find_layout(s.data_dir, s.csv, s.image_dir)[0], getattr(s, "extra_csv", None)]
+    for csv_path in filter(None, sources):
+        raw = read_csv(csv_path, "metadata CSV")
+        id_col = next((c for c in ID_COLUMNS if c in raw.columns), None)
+        if id_col is not None and "diagnosis" in raw.columns:
+            found = dict(zip(raw[id_col].astype(str), raw["diagnosis"].fillna("").astype(str)))
+            return np.array([found.get(i, "") for i in ids], dtype=object)
+    return np.full(len(ids), "", dtype=object)
+
+
+def load_references(path, fingerprint: str) -> References | None:
+    """The stored references when they were made by these weights; None when missing, stale or unreadable."""
+    if not Path(path).is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # damaged: recompute rather than fail
+        return None
+    if d.get("format") != FORMAT or d.get("weights_sha256") != fingerprint:
+        print(f"{path} was made by other weights than this best.pt: embedding the training split again")
+        return None
+    return References(np.array(d["ids"], dtype=object), d["targets"].numpy(), np.array(d["diagnosis"], dtype=object),
+                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint)
+
+
+def save_references(path, refs: References) -> None:
+    save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "ids": list(refs.ids),
+                           "targets": torch.as_tensor(refs.targets), "diagnosis": list(refs.diagnosis),
+                           "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
+
+
+def train_references(run_dir, model, s, device, tta: bool, data=None) -> References:
+    """The training split's embeddings (plain, and TTA when asked), from RUN/train_embeddings.pt when it holds them
+    for these weights, else computed (the run's data is read only then) and stored."""
+    path = Path(run_dir) / STORE
+    fingerprint = weights_fingerprint(model)
+    refs = load_references(path, fingerprint)
+    wanted = views(model, tta)
+    if data is not None and refs is not None:
+        train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
+        if len(train_ids) != len(refs.ids) or (train_ids != refs.ids).any():
+            refs = None  # another split (or --skip-bad-images dropped other images)
+    if refs is not None and set(wanted) <= set(refs.embeddings):
+        return refs
+    data = data if data is not None else prepare_data(s, splits_path=Path(run_dir) / "splits.csv")
+    part = data.frame[data.frame["split"] == "train"]
+    if refs is None:
+        ids = part["isic_id"].to_numpy().astype(object)
+        refs = References(ids, part["target"].to_numpy().astype(int), diagnosis_column(s, ids), {}, fingerprint)
+    train = data.dataset("train", s.img_size)
+    for view, scorer in wanted.items():
+        if view not in refs.embeddings:
+            print(f"embedding the {len(train)} training images ({view}) once; stored in {path}")
+            refs.embeddings[view] = score(scorer, train, s, device).embeddings
+    save_references(path, refs)
+    return refs
