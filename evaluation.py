@@ -12,12 +12,11 @@ import pandas as pd
 from dataset import ImageDataset, load_images
 from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
-from metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
+from metadata import IMAGE_EXTENSIONS, find_layout, load_metadata
 from metrics import auroc, partial_auc, youden_threshold
 from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
-from tabular import run_features
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
@@ -134,9 +133,7 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
-    features = run_features(run_dir, s, frame)  # no CSV: every patient fact unknown
-    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache,
-                           metadata=None if features is None else features[rows])
+    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache)
     ids = frame["isic_id"].to_numpy()[rows]
     val = read_val_metrics(run_dir)
     refs = train_references(run_dir, model, s, device, tta)
@@ -162,13 +159,9 @@ def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device
     asked) against the run's training split, with the threshold and k chosen on the run's val split."""
     csv_path, image_dir = find_layout(data_dir, csv, image_dir)
     frame = load_metadata(csv_path)
-    if s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
-        frame = join_columns(frame, csv_path, s.extra_csv)
-    features = run_features(run_dir, s, frame)
     paths, cache, bad = load_images(frame, image_dir, s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
-    dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache,
-                           metadata=None if features is None else features[rows])
+    dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache)
     val = read_val_metrics(run_dir)
     refs = train_references(run_dir, model, s, device, tta)
     scorings = score_views(model, dataset, refs, s, device, tta, val)

@@ -28,7 +28,7 @@ def build_parser() -> Parser:
     p = Parser(description="Evaluate or apply a saved run.")
     p.add_argument("--run", required=True, help="run folder written by driver.py")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split of the run to evaluate")
-    add_settings(p, ["data_dir", "csv", "image_dir", "extra_csv", "device", "workers", "skip_bad_images", "neighbours"],
+    add_settings(p, ["data_dir", "csv", "image_dir", "device", "workers", "skip_bad_images", "neighbours"],
                  help=ELSEWHERE)
     p.add_argument("--images", help="a folder of unlabelled images: scores, neighbours.csv and similar.png")
     p.add_argument("--out", help="where --data-dir/--images results go (default: RUN/predict-<folder name>)")
@@ -55,9 +55,8 @@ def run(argv=None) -> None:
         source = Path(args.images or args.data_dir or args.csv)
         out_dir = Path(args.out) if args.out else run_dir / f"predict-{source.stem}"
         if needs_val(run_dir, tta):  # the threshold and k come from val: choose them first, as for the test split
-            evaluate_split(run_dir, "val", s, model, run_data(s, run_dir), device, tta, args.bootstrap)
-        if args.extra_csv:  # the new data's patient metadata, for a run trained with --metadata
-            s.extra_csv = args.extra_csv
+            data = prepare_data(s, splits_path=run_dir / "splits.csv")
+            evaluate_split(run_dir, "val", s, model, data, device, tta, args.bootstrap)
         if args.images:
             result = predict_images(args.images, out_dir, run_dir, s, model, device, tta)
             print(f"{len(result)} predictions (val's threshold) → {out_dir / 'predictions.csv'}; nearest training "
