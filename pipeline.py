@@ -22,6 +22,7 @@ from modules import build_model
 from reports import summary_line
 from splits import write_splits
 from train import fit
+from webreport import record_command, write_report
 from utils import (UserError, autocast_dtype, barrier, broadcast, init_distributed, is_main, library_versions,
                    pick_device, seed_everything, set_deterministic, write_json, write_text)
 
@@ -66,6 +67,7 @@ def run(given: dict) -> Path:
         return out
     if is_main():
         write_json(out / "config.json", s.to_dict())
+        record_command(out)  # config.json holds the settings, not the command line that gave them
 
     seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
     model = build_model(s, initial_weights=checkpoint is None)
@@ -80,6 +82,7 @@ def run(given: dict) -> Path:
     metrics = evaluate_run(out, s, model, data, device, s.tta)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc.png, best.pt, last.pt, val/, test/")
+    print(f"report: {write_report(out)}")  # the last line: the one page to open
     return out
 
 

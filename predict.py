@@ -17,6 +17,7 @@ from evaluation import evaluate_run, evaluate_split, needs_val, predict_dataset,
 from inference import load_run
 from reports import BOOTSTRAP, summary_line
 from utils import cli_main, pick_device
+from webreport import write_report
 
 ELSEWHERE = {"data_dir": "another labelled dataset (same layouts as driver.py): score every row",
              "csv": "with --image-dir: another labelled dataset given by its CSV",
@@ -65,6 +66,7 @@ def run(argv=None) -> None:
             m = predict_dataset(args.data_dir, args.csv, args.image_dir, out_dir, run_dir, s, model, device, tta,
                                 args.bootstrap)
             print(summary_line(m, out_dir))
+        print(f"report: {write_report(out_dir, run=run_dir, command=True)}")
         return
     data = prepare_data(s, splits_path=run_dir / "splits.csv")
     if args.split == "test" and needs_val(run_dir, tta):
@@ -72,6 +74,7 @@ def run(argv=None) -> None:
     else:
         metrics = evaluate_split(run_dir, args.split, s, model, data, device, tta, args.bootstrap)
     print(summary_line(metrics, run_dir / args.split))
+    print(f"report: {write_report(run_dir, command=True)}")  # the page shows the new numbers
 
 
 def main(argv=None) -> int:
