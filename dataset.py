@@ -176,23 +176,25 @@ def _build_cache(array_path: Path, index_path: Path, paths, size: int, workers: 
 
 
 class ImageDataset(Dataset):
-    """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,), int64 pair labels (B,)), a whole batch per
-    fetch. Pair labels are what the contrastive term pairs by: the targets unless given (e.g. diagnosis codes).
-    One item, dataset[i], is (image, target).
+    """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,), int64 pair labels (B,), float metadata
+    (B, F)), a whole batch per fetch. Pair labels are what the contrastive term pairs by: the targets unless given
+    (e.g. diagnosis codes). Metadata are the encoded patient features (tabular.py), F = 0 without --metadata, so every
+    batch has the same four parts. One item, dataset[i], is (image, target).
 
     Fetching by batch (__getitems__) turns a batch from the cache into one sorted read of the memory-mapped array
     instead of B small ones, and skips the per-image collation; use it through `image_loader`.
     """
 
-    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None, pair_labels=None):
+    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None, pair_labels=None, metadata=None):
         self.rows, self.targets, self.paths, self.size, self.cache = np.asarray(rows), targets, paths, size, cache
         self.pair_labels = np.asarray(targets if pair_labels is None else pair_labels)
+        self.metadata = np.zeros((len(self.rows), 0), np.float32) if metadata is None else np.asarray(metadata)
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        images, targets, _ = self.__getitems__([i])
+        images, targets, *_ = self.__getitems__([i])
         return images[0], targets[0]
 
     def __getitems__(self, indices):
@@ -205,7 +207,8 @@ class ImageDataset(Dataset):
         else:
             images = torch.stack([self._decode(row) for row in rows])
         return (images, torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32),
-                torch.as_tensor(self.pair_labels[indices], dtype=torch.int64))
+                torch.as_tensor(self.pair_labels[indices], dtype=torch.int64),
+                torch.as_tensor(self.metadata[indices], dtype=torch.float32))
 
     def _decode(self, row):
         try:
@@ -243,11 +246,14 @@ class Data:
     bad_images: dict             # isic_id -> error, for unreadable images (skipped with --skip-bad-images)
     problems: list = field(default_factory=list)  # what makes the data unusable, found by --check-data
     source: str = ""             # the metadata CSV and the image folder
+    metadata: np.ndarray | None = None  # encoded patient features (tabular.py) per row of `frame`, with --metadata
 
     def dataset(self, split: str, size: int) -> ImageDataset:
-        part = self.frame[self.frame["split"] == split]
+        chosen = (self.frame["split"] == split).to_numpy()
+        part = self.frame[chosen]
         return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache,
-                            part["pair_label"].to_numpy() if "pair_label" in part else None)
+                            part["pair_label"].to_numpy() if "pair_label" in part else None,
+                            None if self.metadata is None else self.metadata[chosen])
 
 
 def _unreadable(errors: dict, paths) -> str:
@@ -301,7 +307,7 @@ def prepare_data(s, splits_path=None) -> Data:
     """
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     frame = load_metadata(csv_path)
-    if s.extra_csv or s.pair_labels != "target":
+    if s.extra_csv or s.pair_labels != "target" or s.metadata:
         frame = join_columns(frame, csv_path, s.extra_csv)
     source = f"{csv_path}" + (f" + {s.extra_csv}" if s.extra_csv else "")
     frame["pair_label"] = pair_label_codes(frame, s.pair_labels, source)  # what the contrastive term pairs by
