@@ -268,8 +268,8 @@ class Page:
 
     def with_ci(self, split: str, *path) -> str:
         *parent, name = path
-        return (f"{self.num(split, *path)} [{self.num(split, *parent, name + '_ci95', 0)}, "
-                f"{self.num(split, *parent, name + '_ci95', 1)}]")
+        return (f"{self.num(split, *path)} <span class=ci>[{self.num(split, *parent, name + '_ci95', 0)}, "
+                f"{self.num(split, *parent, name + '_ci95', 1)}]</span>")
 
     def confusion(self, split: str, at: tuple, suffix: str) -> str:
         def cell(i, j):

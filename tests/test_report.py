@@ -243,7 +243,7 @@ def test_report_of_a_tiny_run(tiny_run):
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     page = check_numbers(out)
     assert page.headings[:len(SECTIONS)] == SECTIONS
-    text = " ".join(page.text)
+    text = "".join(page.text)
     assert "driver.py --data-dir" in text and "Leakage check passed" in text and "Still training" not in text
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
     assert len(page.images) >= 4 + 2 * len(SPLIT_FIGURES)
