@@ -52,6 +52,7 @@ class DihedralTTA(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images):
-        outputs = [self.model(torch.rot90(x, k, dims=(2, 3))) for x in (images, images.flip(3)) for k in range(4)]
+    def forward(self, images, metadata=None):
+        outputs = [self.model(torch.rot90(x, k, dims=(2, 3)), metadata) for x in (images, images.flip(3))
+                   for k in range(4)]
         return tuple(torch.stack(o).mean(0) for o in zip(*outputs))

@@ -97,6 +97,9 @@ class Settings:
                             choices=["resnet18", "resnet34", "resnet50"])
     weights: str = setting("none", "none | imagenet | PATH to a trunk state dict (default {default})", group="model")
     embedding_dim: int = setting(64, "embedding size (default {default})", group="model", type=COUNT)
+    metadata: str = setting("", "patient metadata the head sees beside the image embedding: a comma list of age, sex, "
+                            "site (columns of the metadata CSV or of --extra-csv, e.g. the official ground truth); "
+                            "default none", group="model")
     # loss
     w_bce: float = setting(1.0, "weight of the BCE term (default {default})", group="loss", type=NON_NEGATIVE)
     w_cl: float = setting(1.0, "weight of the contrastive term (default {default})", group="loss", type=NON_NEGATIVE)

@@ -12,11 +12,12 @@ import pandas as pd
 from dataset import ImageDataset, load_images
 from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
-from metadata import IMAGE_EXTENSIONS, find_layout, load_metadata
+from metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
 from metrics import auroc, partial_auc, youden_threshold
 from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
+from tabular import run_features
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
@@ -119,7 +120,7 @@ def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: 
     return evaluate_split(run_dir, "test", s, model, data, device, tta, resamples, references)
 
 
-def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False) -> pd.DataFrame:
+def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False, extra_csv=None) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
     neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
     folder = Path(folder)
@@ -133,7 +134,11 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
-    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache)
+    if s.metadata and extra_csv:
+        frame = join_columns(frame, None, extra_csv)
+    features = run_features(run_dir, s, frame)  # without a CSV every patient fact is unknown
+    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache,
+                           metadata=None if features is None else features[rows])
     ids = frame["isic_id"].to_numpy()[rows]
     val = read_val_metrics(run_dir)
     refs = train_references(run_dir, model, s, device, tta)
@@ -154,14 +159,18 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
 
 
 def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device, tta: bool = False,
-                    resamples: int = BOOTSTRAP) -> dict:
+                    resamples: int = BOOTSTRAP, extra_csv=None) -> dict:
     """Every row of another labelled dataset, judged as the run's own test split: every scorer (with TTA when
     asked) against the run's training split, with the threshold and k chosen on the run's val split."""
     csv_path, image_dir = find_layout(data_dir, csv, image_dir)
     frame = load_metadata(csv_path)
+    if s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
+        frame = join_columns(frame, csv_path, extra_csv)
+    features = run_features(run_dir, s, frame)
     paths, cache, bad = load_images(frame, image_dir, s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
-    dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache)
+    dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache,
+                           metadata=None if features is None else features[rows])
     val = read_val_metrics(run_dir)
     refs = train_references(run_dir, model, s, device, tta)
     scorings = score_views(model, dataset, refs, s, device, tta, val)

@@ -41,14 +41,14 @@ def upsample_aligned(cam: torch.Tensor, size: int, stride: int) -> torch.Tensor:
     return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
-def grad_cam(model, images) -> torch.Tensor:
+def grad_cam(model, images, metadata=None) -> torch.Tensor:
     """Grad-CAM of the malignant logit at cam_layer's block: (B, H, W) heat maps scaled to [0, 1]."""
     store = {}
     name, stride = cam_layer(images.shape[-1])
     hook = getattr(model.trunk, name).register_forward_hook(lambda module, inputs, output: store.update(a=output))
     try:
         with torch.enable_grad():
-            _, logits = model(images)
+            _, logits = model(images, metadata)
             grads = torch.autograd.grad(logits.sum(), store["a"])[0]  # eval mode: each logit sees only its image
     finally:
         hook.remove()
@@ -83,7 +83,8 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
     for title, cases in chosen.items():
         if cases:
             images = to_float(torch.stack([dataset[i][0] for i in cases]).to(device))
-            cams = grad_cam(model.eval(), images).cpu().numpy()
+            metadata = torch.as_tensor(dataset.metadata[cases], device=device)
+            cams = grad_cam(model.eval(), images, metadata).cpu().numpy()
             images = images.permute(0, 2, 3, 1).cpu().numpy()
         rows[title] = [(images[j], cams[j], f"{ids[i]}\nP={p[i]:.3f}") for j, i in enumerate(cases)]
     plots.cam_gallery_plot(rows, path, "Most confident cases (left: image with P(melanoma), right: Grad-CAM)\n"

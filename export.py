@@ -129,6 +129,9 @@ def run(argv=None) -> None:
     args = p.parse_args(argv)
     run_dir = Path(args.run)
     s, model = load_run(run_dir, torch.device("cpu"))
+    if s.metadata:
+        raise UserError(f"{run_dir} was trained with --metadata {s.metadata}: exporting its metadata branch and encoder "
+                        "is not supported yet; export a run trained on images alone")
     if args.data_dir or args.csv:
         s.data_dir, s.csv, s.image_dir = args.data_dir, args.csv, args.image_dir
     model = model.to(memory_format=torch.contiguous_format)

@@ -14,6 +14,7 @@ from checkpoints import evaluation_weights, load_checkpoint
 from config import Settings
 from dataset import image_loader
 from modules import build_model
+from tabular import metadata_width
 from utils import UserError, autocast_dtype
 
 
@@ -31,11 +32,12 @@ def evaluate(model, loader, device, amp_dtype=None, loss_fn=None, desc="evaluati
     """Score every image of `loader` in order, without augmentation."""
     model.eval()
     targets, logits, embeddings, losses = [], [], [], []
-    for images, batch_targets, pair_labels in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None):
+    batches = tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=None)
+    for images, batch_targets, pair_labels, metadata in batches:
         images = to_float(images.to(device, non_blocking=True))
         batch_targets = batch_targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            batch_embeddings, batch_logits = model(images)
+            batch_embeddings, batch_logits = model(images, metadata.to(device, non_blocking=True))
         if loss_fn is not None:
             batch_loss = loss_fn(batch_embeddings, batch_logits, batch_targets, pair_labels.to(device))[0]
             losses.append(batch_loss * len(batch_targets))
@@ -58,7 +60,7 @@ def load_run(run_dir, device, checkpoint: str = "best.pt") -> tuple[Settings, to
     if not (run_dir / "config.json").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.json)")
     s = Settings.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model = build_model(s, initial_weights=False)
+    model = build_model(s, initial_weights=False, metadata_dim=metadata_width(run_dir, s))
     model.load_state_dict(evaluation_weights(load_checkpoint(run_dir / checkpoint)))
     return s, model.to(device).to(memory_format=torch.channels_last).eval()
 

@@ -21,10 +21,11 @@ from evaluation import evaluate_run
 from modules import build_model
 from reports import summary_line
 from splits import write_splits
+from tabular import metadata_width, with_metadata
 from train import fit
 from webreport import record_command, write_report
-from utils import (UserError, autocast_dtype, barrier, broadcast, init_distributed, is_main, library_versions,
-                   pick_device, seed_everything, set_deterministic, write_json, write_text)
+from utils import (UserError, autocast_dtype, broadcast, init_distributed, is_main, library_versions,
+                   pick_device, rank0_first, seed_everything, set_deterministic, write_json, write_text)
 
 DEMO_DATA = Path("data/demo")
 CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
@@ -44,13 +45,11 @@ def run(given: dict) -> Path:
     print(f"run folder: {out}   device: {device} ({precision})   workers: {s.workers}"
           f"{'' if chosen else ' (default here)'}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
-    if not is_main():
-        barrier()  # rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it
     # Decoding JPEGs into the cache is CPU-bound and done once: parallel unless the user chose a number.
     reading = s if chosen else dataclasses.replace(s, workers=DECODE_WORKERS)
-    data = prepare_data(reading, splits_path=out / "splits.csv" if checkpoint else s.splits)
-    if is_main():
-        barrier()
+    # Rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it (or stop with
+    # rank 0's failure).
+    data = rank0_first(lambda: prepare_data(reading, splits_path=out / "splits.csv" if checkpoint else s.splits))
     report = data_report(data)
     if s.check_data and not s.check_images:
         report += "images not decoded: add --check-images to decode every one\n"
@@ -68,9 +67,10 @@ def run(given: dict) -> Path:
     if is_main():
         write_json(out / "config.json", s.to_dict())
         record_command(out)  # config.json holds the settings, not the command line that gave them
+    data = with_metadata(data, s, out, fit=checkpoint is None)
 
     seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
-    model = build_model(s, initial_weights=checkpoint is None)
+    model = build_model(s, initial_weights=checkpoint is None, metadata_dim=metadata_width(out, s))
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     model = model.to(device).to(memory_format=torch.channels_last)

@@ -19,6 +19,7 @@ from checkpoints import save_checkpoint
 from dataset import prepare_data
 from inference import score
 from metadata import ID_COLUMNS, find_layout, read_csv
+from tabular import with_metadata
 
 STORE = "train_embeddings.pt"
 FORMAT = 1  # raise when the stored fields change
@@ -96,7 +97,8 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
             refs = None  # another split (or --skip-bad-images dropped other images)
     if refs is not None and set(wanted) <= set(refs.embeddings):
         return refs
-    data = data if data is not None else prepare_data(s, splits_path=Path(run_dir) / "splits.csv")
+    data = data if data is not None else with_metadata(prepare_data(s, splits_path=Path(run_dir) / "splits.csv"),
+                                                       s, run_dir)
     part = data.frame[data.frame["split"] == "train"]
     if refs is None:
         ids = part["isic_id"].to_numpy().astype(object)

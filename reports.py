@@ -82,8 +82,9 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
                                    f"prior-corrected ({100 * prevalence:.1f}%)": prior_probability(plain.pred, prevalence)},
                                out_dir / "calibration.png")
     plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
-    plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png", seed=s.seed,
-                          tsne=s.tsne)  # the space the contrastive loss shaped
+    if plain.pred.embeddings.shape[1]:  # an ensemble of runs has no one embedding space
+        plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png", seed=s.seed,
+                              tsne=s.tsne)  # the space the contrastive loss shaped
     write_json(out_dir / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
 

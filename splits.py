@@ -142,3 +142,9 @@ def apply_saved_split(frame: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame
         raise UserError(f"{int(missing.sum())} ids of the saved split are not in the metadata, "
                         f"e.g. {merged['isic_id'][missing].iloc[0]}: is this the dataset the run was trained on?")
     return merged.astype({"target": int, "row": int})
+
+
+def train_prevalence(splits_csv) -> float:
+    """The malignant rate of a saved split's training part: the prior that prior-corrected probabilities assume."""
+    splits = read_splits(splits_csv)
+    return float(splits.loc[splits["split"] == "train", "target"].mean())

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from utils import UserError, write_json
+from utils import UserError, is_main, write_json
 
 # Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.
 SOURCES = {"age": ("age_approx", "age"), "sex": ("sex",),
@@ -79,17 +79,18 @@ class MetadataEncoder:
         return names
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """(N, width) float32; new data with missing values or unseen categories is encoded, never refused."""
+        """(N, width) float32; new data with missing values, unseen categories or no such column at all (e.g. a
+        folder of images without a CSV) is encoded as missing/unknown, never refused."""
         parts = []
-        for name in self.columns:
-            column = find_columns(frame, [name])[name]
+        for name, column in self.columns.items():
+            values = frame[column] if column in frame.columns else pd.Series([None] * len(frame), dtype="object")
             if name == "age":
-                ages = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+                ages = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
                 missing = np.isnan(ages)
                 parts.append(np.stack([np.where(missing, 0.0, (ages - self.age_mean) / self.age_scale), missing], 1))
             else:
                 known = self.categories[name]
-                values = categories_of(frame[column]).where(lambda v: v.isin(known), UNKNOWN)
+                values = categories_of(values).where(lambda v: v.isin(known), UNKNOWN)
                 one_hot = OneHotEncoder(categories=[known], sparse_output=False).fit(np.array(known)[:, None])
                 parts.append(one_hot.transform(values.to_numpy()[:, None]))
         return np.concatenate(parts, axis=1).astype(np.float32)
@@ -103,3 +104,30 @@ class MetadataEncoder:
         if not path.is_file():
             raise UserError(f"{path} is missing: the run was trained with --metadata and needs its encoder")
         return cls(**json.loads(path.read_text()))
+
+
+def with_metadata(data, s, run_dir, fit: bool = False):
+    """`data` with every row's encoded metadata (data.metadata), for a run with --metadata; unchanged otherwise.
+
+    fit=True (a new run): the encoder is fitted on the training split alone and saved in run_dir (by the writing
+    process; every torchrun rank fits the same one). Otherwise the run's saved encoder is used."""
+    if not s.metadata:
+        return data
+    if fit:
+        encoder = MetadataEncoder.fit(data.frame[data.frame["split"] == "train"], parse_fields(s.metadata))
+        if is_main():
+            encoder.save(run_dir)
+    else:
+        encoder = MetadataEncoder.load(run_dir)
+    data.metadata = encoder.transform(data.frame)
+    return data
+
+
+def metadata_width(run_dir, s) -> int:
+    """The width of the encoded metadata the run's head reads (0 without --metadata): what build_model needs."""
+    return MetadataEncoder.load(run_dir).width if s.metadata else 0
+
+
+def run_features(run_dir, s, frame: pd.DataFrame) -> np.ndarray | None:
+    """The encoded metadata of `frame` the way the run at `run_dir` was trained, or None for a run without it."""
+    return MetadataEncoder.load(run_dir).transform(frame) if s.metadata else None

@@ -1,14 +1,19 @@
-"""The colour-statistics baseline a network has to beat: logistic regression on simple colour features.
+"""The baselines a network has to beat: logistic regression on simple colour features, or on patient metadata.
 
-Features per image: mean and std of R, G, B, H, S, V, and an 8-bin brightness histogram of the central half.
+Colour features per image: mean and std of R, G, B, H, S, V, and an 8-bin brightness histogram of the central half.
+Metadata features: age, sex and anatomic site encoded exactly as the network's metadata branch reads them
+(tabular.MetadataEncoder, fitted on the training split).
 """
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 from matplotlib.colors import rgb_to_hsv
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from tabular import MetadataEncoder
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:
@@ -29,3 +34,11 @@ def fit_colour_baseline(images: np.ndarray, targets: np.ndarray):
 
 def score_colour_baseline(model, images: np.ndarray) -> np.ndarray:
     return model.predict_proba(colour_features(images))[:, 1]
+
+
+def metadata_baseline_scores(train: pd.DataFrame, test: pd.DataFrame, fields=("age", "sex", "site")) -> np.ndarray:
+    """P(melanoma) of the test rows from a logistic regression on the training rows' encoded metadata."""
+    encoder = MetadataEncoder.fit(train, list(fields))
+    model = LogisticRegression(max_iter=2000, class_weight="balanced")
+    model.fit(encoder.transform(train), train["target"].to_numpy())
+    return model.predict_proba(encoder.transform(test))[:, 1]

@@ -20,10 +20,10 @@ import pandas as pd
 
 from config import COUNT, NOT_OUTCOME, Parser, Settings, parse_cli, settings_from_cli
 from dataset import load_images
-from experiments.baseline import fit_colour_baseline, score_colour_baseline
-from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, MINED_PAIRS,
+from experiments.baseline import fit_colour_baseline, metadata_baseline_scores, score_colour_baseline
+from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, MINED_PAIRS, WITH_METADATA,
                                    train_and_test)
-from metadata import find_layout, load_duplicates, load_metadata
+from metadata import find_layout, join_columns, load_duplicates, load_metadata
 from metrics import auroc, partial_auc
 from splits import fold_splits, leakage_groups, read_splits, split_unit, write_splits
 from utils import UserError, cli_main, write_csv, write_text
@@ -36,7 +36,9 @@ METHODS = {
     "xbm": ("joint + cross-batch memory 256", CROSS_BATCH_MEMORY, "head"),
     "miner": ("joint + multi-similarity miner", MINED_PAIRS, "head"),
     "diagnosis": ("joint + diagnosis pairs", DIAGNOSIS_PAIRS, "head"),
+    "metadata": ("BCE only + metadata (age, sex, site)", WITH_METADATA, "head"),
 }
+BASELINES = {"baseline": "colour baseline", "metadata-baseline": "metadata baseline (age, sex, site)"}
 REFERENCE = "BCE only"  # every other method's per-fold difference is taken against it
 
 
@@ -55,6 +57,12 @@ def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
     return json.loads(metrics.read_text()) if same_fold else None
 
 
+def metadata_baseline(frame: pd.DataFrame) -> tuple[float, float]:
+    train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
+    p = metadata_baseline_scores(train, test)
+    return auroc(test["target"], p), partial_auc(test["target"], p)
+
+
 def colour_baseline(frame: pd.DataFrame, cache: np.ndarray) -> tuple[float, float]:
     train, test = frame[frame["split"] == "train"], frame[frame["split"] == "test"]
     model = fit_colour_baseline(np.asarray(cache[train["row"].to_numpy()]), train["target"].to_numpy())
@@ -67,7 +75,7 @@ def run(argv=None) -> None:
     p.add_argument("--folds", type=COUNT, default=5, help="number of patient-grouped folds, at least 2 (default 5)")
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
     p.add_argument("--methods", default="baseline,bce,knn,joint",
-                   help="comma-separated, from baseline, bce, knn, joint, xbm, miner, diagnosis (default %(default)s)")
+                   help="comma-separated, from baseline, metadata-baseline, bce, knn, joint, xbm, miner, diagnosis, metadata (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
                    "methods to a table)")
@@ -82,12 +90,15 @@ def crossval(args, driver_flags) -> None:
     s: Settings = settings_from_cli(given)
     csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     frame = load_metadata(csv_path)
+    wanted = args.methods.split(",")
+    unknown = set(wanted) - set(METHODS) - set(BASELINES)
+    if unknown:
+        raise UserError(f"unknown --methods {', '.join(sorted(unknown))}: choose from "
+                        f"{', '.join([*BASELINES, *METHODS])}")
+    if "metadata-baseline" in wanted:
+        frame = join_columns(frame, csv_path, s.extra_csv)
     frame["row"] = np.arange(len(frame))
     _, cache, _ = load_images(frame, image_dir, s)
-    wanted = args.methods.split(",")
-    unknown = set(wanted) - set(METHODS) - {"baseline"}
-    if unknown:
-        raise UserError(f"unknown --methods {', '.join(sorted(unknown))}: choose from baseline, {', '.join(METHODS)}")
     out = Path(args.cv_out)
     rows = []
     pairs = load_duplicates(s.duplicates) if s.duplicates else []
@@ -97,7 +108,9 @@ def crossval(args, driver_flags) -> None:
         splits_csv = out / f"fold{fold}" / "splits.csv"
         write_splits(frame, splits_csv)
         if "baseline" in wanted:
-            rows.append(("colour baseline", fold, *colour_baseline(frame, cache)))
+            rows.append((BASELINES["baseline"], fold, *colour_baseline(frame, cache)))
+        if "metadata-baseline" in wanted:
+            rows.append((BASELINES["metadata-baseline"], fold, *metadata_baseline(frame)))
         for key, (name, method_flags, which) in METHODS.items():
             if key not in wanted:
                 continue

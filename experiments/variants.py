@@ -13,6 +13,9 @@ CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
 CROSS_BATCH_MEMORY = {"xbm": 256}
 MINED_PAIRS = {"miner": "multisimilarity"}
 DIAGNOSIS_PAIRS = {"pair_labels": "diagnosis"}
+# BCE alone with age, sex and site beside the image embedding (issue #16; the columns come from the metadata CSV or
+# --extra-csv, e.g. the official ground truth joined onto the Kaggle 256 px layout).
+WITH_METADATA = {"w_cl": 0.0, "metadata": "age,sex,site"}
 
 
 def train_and_test(given: dict) -> dict:

@@ -137,7 +137,7 @@ def test_loader_yields_diagnosis_pair_labels_from_extra_csv(tiny_data, tmp_path)
                  extra_csv=str(extra), pair_labels="diagnosis")
     data = prepare_data(s)
     train_rows = data.frame[data.frame["split"] == "train"]
-    _, targets, pair_labels = data.dataset("train", 32).__getitems__(np.arange(6))
+    _, targets, pair_labels, _ = data.dataset("train", 32).__getitems__(np.arange(6))
     expected = np.searchsorted(["lentigo", "nevus", "unknown"], train_rows["diagnosis"].to_numpy()[:6])
     assert pair_labels.tolist() == expected.tolist() and pair_labels.dtype == torch.int64
     assert targets.tolist() == train_rows["target"].to_numpy()[:6].tolist()

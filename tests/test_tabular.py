@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tabular import MetadataEncoder, parse_fields
 from utils import UserError
@@ -30,6 +31,8 @@ def test_unseen_categories_and_missing_values_in_new_data_are_unknown():
     features = pd.DataFrame(encoder.transform(new), columns=encoder.feature_names())
     assert features["sex=female"].tolist() == [1, 0] and features["sex=unknown"].tolist() == [0, 1]
     assert features["site=unknown"].tolist() == [1, 1] and features.sum(axis=1).tolist() == [2, 2]
+    no_columns = encoder.transform(pd.DataFrame(index=range(3)))  # a folder of images without a CSV
+    assert no_columns.tolist() == [[0, 0, 1, 0, 0, 0, 1]] * 3
 
 
 def test_encoder_round_trips_through_the_run_folder(tmp_path):
@@ -53,3 +56,61 @@ def test_bad_fields_and_missing_columns_are_one_clear_error(text, message):
 
 def test_fields_come_in_a_fixed_order():
     assert parse_fields("site, age") == ["age", "site"] and parse_fields("none") == []
+
+
+@pytest.fixture(scope="module")
+def metadata_run(tmp_path_factory):
+    """A tiny run whose head also reads age, sex and site from an extra CSV (older patients malignant more often)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, tiny
+    from demo import make_dataset
+    root = tmp_path_factory.mktemp("metadata")
+    data = make_dataset(root / "data", n_images=80, malignant_rate=0.3, size=32, seed=4)
+    ids = pd.read_csv(data / "train-metadata.csv")[["isic_id", "target"]]
+    rng = np.random.default_rng(0)
+    facts = pd.DataFrame({"image_name": ids["isic_id"], "age_approx": 45 + 20 * ids["target"] + rng.integers(-5, 5, 80),
+                          "sex": rng.choice(["male", "female", None], 80),
+                          "anatom_site_general_challenge": rng.choice(["torso", "head/neck"], 80)})
+    facts.to_csv(root / "facts.csv", index=False)
+    out = root / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
+                             "--cache-dir", str(root / "cache"), "--metadata", "age,sex,site",
+                             "--extra-csv", str(root / "facts.csv"), *tiny(1)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root, data, out
+
+
+@pytest.mark.slow
+def test_metadata_run_saves_its_encoder_and_predict_reproduces_it(metadata_run):
+    import json
+
+    import predict
+    from inference import load_run
+    root, data, run = metadata_run
+    encoder = MetadataEncoder.load(run)
+    assert encoder.columns == {"age": "age_approx", "sex": "sex", "site": "anatom_site_general_challenge"}
+    splits = pd.read_csv(run / "splits.csv")
+    train_ages = pd.read_csv(root / "facts.csv").set_index("image_name").loc[
+        splits.loc[splits["split"] == "train", "isic_id"], "age_approx"]
+    assert encoder.age_mean == pytest.approx(train_ages.mean())  # fitted on the training split alone
+    _, model = load_run(run, torch.device("cpu"))
+    assert model.head.in_features == 16 + 16 and model.metadata_branch[0].in_features == encoder.width
+    written = (run / "test" / "metrics.json").read_text()
+    assert predict.main(["--run", str(run), "--workers", "0"]) == 0
+    assert json.loads((run / "test" / "metrics.json").read_text())["auroc"] == json.loads(written)["auroc"]
+
+
+@pytest.mark.slow
+def test_new_images_are_scored_with_or_without_their_metadata(metadata_run, tmp_path):
+    import predict
+    root, data, run = metadata_run
+    images = data / "train-image" / "image"
+    assert predict.main(["--run", str(run), "--images", str(images), "--out", str(tmp_path / "a"),
+                         "--extra-csv", str(root / "facts.csv"), "--workers", "0"]) == 0
+    assert predict.main(["--run", str(run), "--images", str(images), "--out", str(tmp_path / "b"),
+                         "--workers", "0"]) == 0  # no metadata: every fact unknown, still scored
+    with_facts = pd.read_csv(tmp_path / "a" / "predictions.csv")["probability"]
+    without = pd.read_csv(tmp_path / "b" / "predictions.csv")["probability"]
+    assert len(with_facts) == len(without) == 80 and not np.allclose(with_facts, without)
