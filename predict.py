@@ -112,12 +112,16 @@ def score_run(run_dir: Path, args, out_dir: Path | None) -> Path:
 
 
 def require_same_split(run_dirs, split: str) -> None:
-    """An ensemble on a run's own split needs runs that share it; the folds of a cross-validation do not."""
-    first = read_splits(run_dirs[0] / "splits.csv")[["isic_id", "split"]]
+    """An ensemble on a run's own split needs runs whose `split` holds the same images (then none of them trained
+    on those): e.g. folds of the rest around one held-out test split, not the folds of a cross-validation."""
+    def ids(run_dir):
+        splits = read_splits(run_dir / "splits.csv")
+        return set(splits.loc[splits["split"] == split, "isic_id"])
+    first = ids(run_dirs[0])
     for run_dir in run_dirs[1:]:
-        if not read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(first):
-            raise UserError(f"{run_dir} was trained on another split than {run_dirs[0]}, so their {split} splits "
-                            "differ: ensemble them on other data (--data-dir, --csv or --images)")
+        if ids(run_dir) != first:
+            raise UserError(f"the {split} split of {run_dir} holds other images than that of {run_dirs[0]}: "
+                            "ensemble them on other data (--data-dir, --csv or --images)")
 
 
 def patient_ids(args, run_dir: Path) -> dict | None:

@@ -91,6 +91,17 @@ def fold_splits(frame: pd.DataFrame, groups: np.ndarray, folds: int, seed: int, 
         yield split
 
 
+def rotating_val_splits(split: pd.Series, y: np.ndarray, groups: np.ndarray, folds: int, seed: int):
+    """Yield one split column per fold that keeps `split`'s test rows and makes each fold of the rest (by leakage
+    group) the validation split once: members of an ensemble that all leave the same test split unseen."""
+    rest = np.flatnonzero((split != "test").to_numpy())
+    for keep, held_out in StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+            rest, y[rest], groups[rest]):
+        column = split.to_numpy().copy()
+        column[rest[keep]], column[rest[held_out]] = "train", "val"
+        yield column
+
+
 def _require_positives(y, need: int, unit: str, groups=None) -> None:
     have = int(y.sum()) if groups is None else len(np.unique(groups[y == 1]))
     if have < need:

@@ -11,21 +11,20 @@ test-time-augmented scores. --resume reuses fold runs that finished with the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from config import COUNT, NOT_OUTCOME, Parser, Settings, parse_cli, settings_from_cli
+from config import COUNT, Parser, Settings, parse_cli, settings_from_cli
 from dataset import load_images
 from experiments.baseline import fit_colour_baseline, metadata_baseline_scores, score_colour_baseline
 from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, MINED_PAIRS, WITH_METADATA,
-                                   train_and_test)
+                                   finished_run, train_and_test)
 from metadata import find_layout, join_columns, load_duplicates, load_metadata
 from metrics import auroc, partial_auc
-from splits import fold_splits, leakage_groups, read_splits, split_unit, write_splits
+from splits import fold_splits, leakage_groups, split_unit, write_splits
 from utils import UserError, cli_main, write_csv, write_text
 
 # key → (name in the table, flags for driver.py, which scorer of test/metrics.json to read)
@@ -40,21 +39,6 @@ METHODS = {
 }
 BASELINES = {"baseline": "colour baseline", "metadata-baseline": "metadata baseline (age, sex, site)"}
 REFERENCE = "BCE only"  # every other method's per-fold difference is taken against it
-
-
-def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
-    """The test metrics of a fold run that already finished with these settings on this fold, else None."""
-    config, metrics = run_dir / "config.json", run_dir / "test" / "metrics.json"
-    if not (config.is_file() and metrics.is_file()):
-        return None
-    wanted, done = settings_from_cli(given).to_dict(), json.loads(config.read_text())
-    if any(done.get(k) != v for k, v in wanted.items() if k not in NOT_OUTCOME):
-        return None
-    same_fold = read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(
-        read_splits(splits_csv)[["isic_id", "split"]])
-    if same_fold:
-        print(f"reusing {run_dir} (finished with the same settings on this fold)", flush=True)
-    return json.loads(metrics.read_text()) if same_fold else None
 
 
 def metadata_baseline(frame: pd.DataFrame) -> tuple[float, float]:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+from config import NOT_OUTCOME, settings_from_cli
 from pipeline import run
+from splits import read_splits
 
 # Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
 CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
@@ -21,3 +24,18 @@ WITH_METADATA = {"w_cl": 0.0, "metadata": "age,sex,site"}
 def train_and_test(given: dict) -> dict:
     """One driver.py run (flags as parse_cli gives them); its test metrics."""
     return json.loads((run(given) / "test" / "metrics.json").read_text())
+
+
+def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
+    """The test metrics of a run that already finished with these settings on this split, else None."""
+    config, metrics = run_dir / "config.json", run_dir / "test" / "metrics.json"
+    if not (config.is_file() and metrics.is_file()):
+        return None
+    wanted, done = settings_from_cli(given).to_dict(), json.loads(config.read_text())
+    if any(done.get(k) != v for k, v in wanted.items() if k not in NOT_OUTCOME):
+        return None
+    same_fold = read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(
+        read_splits(splits_csv)[["isic_id", "split"]])
+    if same_fold:
+        print(f"reusing {run_dir} (finished with the same settings on this split)", flush=True)
+    return json.loads(metrics.read_text()) if same_fold else None

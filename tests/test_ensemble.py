@@ -76,4 +76,22 @@ def test_runs_with_different_splits_cannot_ensemble_their_own_test_split(two_run
     splits["split"] = splits["split"].replace({"test": "val", "val": "test"})
     splits.to_csv(other / "splits.csv", index=False)
     assert predict.main(["--run", str(run), str(other), "--out", str(tmp_path / "e"), "--workers", "0"]) == 2
-    assert "another split" in capsys.readouterr().err
+    assert "holds other images" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fold_ensemble_members_share_one_unseen_test_split(tmp_path):
+    from experiments import fold_ensemble
+    data = make_dataset(tmp_path / "data", n_images=100, malignant_rate=0.3, size=32, seed=6)
+    out = tmp_path / "fe"
+    assert fold_ensemble.main(["--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"), "--folds", "2",
+                               "--out", str(out), *tiny(1)]) == 0
+    splits = [pd.read_csv(out / f"member{k}" / "splits.csv") for k in (1, 2)]
+    test = [set(s.loc[s["split"] == "test", "isic_id"]) for s in splits]
+    assert test[0] == test[1] and test[0] == set(pd.read_csv(out / "split" / "splits.csv").query("split == 'test'")
+                                                 ["isic_id"])
+    val = [set(s.loc[s["split"] == "val", "isic_id"]) for s in splits]
+    assert not val[0] & val[1] and not (val[0] | val[1]) & test[0]  # each fold of the rest validates once
+    table = (out / "fold_ensemble.md").read_text()
+    assert "| member 2 |" in table and "| ensemble (mean) |" in table and "| ensemble (rank) |" in table
+    assert json.loads((out / "ensemble-mean" / "metrics.json").read_text())["n"] == len(test[0])
