@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from config import NOT_OUTCOME, settings_from_cli
+from config import NOT_OUTCOME, Settings, settings_from_cli
 from pipeline import run
 from splits import read_splits
 
@@ -31,7 +31,8 @@ def finished_run(run_dir: Path, given: dict, splits_csv: Path) -> dict | None:
     config, metrics = run_dir / "config.json", run_dir / "test" / "metrics.json"
     if not (config.is_file() and metrics.is_file()):
         return None
-    wanted, done = settings_from_cli(given).to_dict(), json.loads(config.read_text())
+    # A setting the run's config.json lacks was added later: the run had its default, which keeps old behaviour.
+    wanted, done = settings_from_cli(given).to_dict(), Settings.from_dict(json.loads(config.read_text())).to_dict()
     if any(done.get(k) != v for k, v in wanted.items() if k not in NOT_OUTCOME):
         return None
     same_fold = read_splits(run_dir / "splits.csv")[["isic_id", "split"]].equals(
