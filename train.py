@@ -15,7 +15,6 @@ import torch.distributed as dist
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import plots
@@ -26,8 +25,9 @@ from dataset import eval_loader, train_loader
 from inference import evaluate
 from losses import PAIR_STATS, build_loss, epoch_pair_stats
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
-from utils import (UserError, autocast_dtype, barrier, is_main, rank, remove_stale_temporaries, rng_state,
-                   seed_everything, set_rng_state, world_size, write_csv)
+from weight_average import WeightAverage
+from utils import (UserError, any_rank, autocast_dtype, is_main, rank, remove_stale_temporaries, rng_state,
+                   seed_everything, set_rng_state, settle, world_size, write_csv)
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
 PLOT_EVERY_S = 30  # redrawing the four history plots takes ~0.3 s, a noticeable share of a 2-second CPU epoch
@@ -89,11 +89,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
     window, seen = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=None if is_main() else True)
-    for step, (images, targets, pair_labels) in enumerate(bar, start=1):
+    for step, (images, targets, pair_labels, metadata) in enumerate(bar, start=1):
         images = augment(to_float(images.to(device, non_blocking=True)))
         targets, pair_labels = targets.to(device, non_blocking=True), pair_labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            embeddings, logits = model(images)
+            embeddings, logits = model(images, metadata.to(device, non_blocking=True))
         loss, bce, contrastive, pairs = loss_fn(embeddings, logits, targets, pair_labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -105,17 +105,23 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
         correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
         window.append(torch.cat([torch.stack([loss.detach(), bce, contrastive, correct.float()]), pairs]))
         seen += len(targets)
-        if step % SYNC_EVERY == 0 or step == len(loader):
+        synced = step % SYNC_EVERY == 0 or step == len(loader)
+        if synced:
             values = torch.stack(window).cpu().numpy()  # the one host sync per window
             bad = np.flatnonzero(~np.isfinite(values[:, 0]))
+            # Under torchrun every rank stops at the same step, else the others would wait in the next step's
+            # gradient all-reduce for one that has left.
+            bad_anywhere, stop_anywhere = any_rank([len(bad) > 0, stop is not None and bool(stop.signal)])
             if len(bad):
                 first = step - len(window) + bad[0] + 1
                 raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {first}")
+            if bad_anywhere:
+                raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch}, step {step} or before")
             totals += values.sum(0) * [len(targets), len(targets), len(targets), *[1] * (1 + len(PAIR_STATS))]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             window = []
-        if stop is not None and stop.signal:
-            raise Interrupted(stop.signal)
+        if world_size() == 1 and stop is not None and stop.signal or synced and stop_anywhere:
+            raise Interrupted(stop.signal or "a signal to another rank")
     if dist.is_initialized():  # the epoch's means over every rank's samples
         summed = torch.tensor([*totals, seen], dtype=torch.float64,
                               device=device if dist.get_backend() == "nccl" else "cpu")
@@ -149,7 +155,7 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
 
 
 def moving_average(model, decay: float, total_steps: int):
-    """An exponential moving average of the weights and BatchNorm statistics (torch.optim.swa_utils), or None."""
+    """An exponential moving average of the weights and BatchNorm statistics (weight_average.py), or None."""
     if not decay:
         return None
     if not 0 < decay < 1:
@@ -157,7 +163,7 @@ def moving_average(model, decay: float, total_steps: int):
     decay = min(decay, 1 - 4 / total_steps)  # a short run cannot average over 1/(1-decay) steps: at most a quarter
     if decay <= 0:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return WeightAverage(model, decay)
 
 
 @dataclass
@@ -168,7 +174,7 @@ class TrainingState:
     state_dict() holds only plain types and tensors (loadable with weights_only) and every random state, so that a
     resumed run replays the next epoch exactly as an uninterrupted one (see seed_epoch)."""
     model: nn.Module
-    ema: AveragedModel | None
+    ema: WeightAverage | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
@@ -176,24 +182,26 @@ class TrainingState:
     best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": 0})
     history: list = field(default_factory=list)
     loss: nn.Module | None = None
+    precision: str = "float32"  # what the steps compute in: utils.autocast_dtype's name for the device
 
     def state_dict(self, s) -> dict:
         return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
                 "best": self.best, "history": self.history,
                 "ema": None if self.ema is None else self.ema.module.state_dict(),
-                "ema_updates": 0 if self.ema is None else int(self.ema.n_averaged), "rng": rng_state(),
+                "ema_updates": 0 if self.ema is None else self.ema.updates, "rng": rng_state(),
                 "settings": s.to_dict(), "world_size": world_size(),
-                "loss": None if self.loss is None else self.loss.state_dict()}
+                "loss": None if self.loss is None else self.loss.state_dict(), "precision": self.precision}
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """The model's weights are loaded by the caller before the optimiser and the average are built on them."""
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
-        self.scaler.load_state_dict(checkpoint["scaler"])
+        if self.scaler.is_enabled() and checkpoint["scaler"]:  # empty when the run had no fp16 loss scale to keep
+            self.scaler.load_state_dict(checkpoint["scaler"])
         if self.ema is not None and checkpoint["ema"] is not None:
             self.ema.module.load_state_dict(checkpoint["ema"])
-            self.ema.n_averaged.fill_(checkpoint["ema_updates"])
+            self.ema.updates = checkpoint["ema_updates"]
         if self.loss is not None and checkpoint.get("loss") is not None:  # absent before --xbm existed
             self.loss.load_state_dict(checkpoint["loss"])
         self.epoch, self.best, self.history = checkpoint["epoch"], checkpoint["best"], checkpoint["history"]
@@ -222,6 +230,9 @@ def restore(state: TrainingState, checkpoint: dict, out_dir: Path, s) -> None:
                         + ("python driver.py" if trained_on == 1 else f"torchrun --nproc_per_node {trained_on}"
                            " driver.py (and as many nodes as before)"))
     state.load_state_dict(checkpoint)
+    changed = precision_change(checkpoint, state.precision)
+    if changed:
+        print(changed)
     if is_main():
         remove_stale_temporaries(out_dir)  # left by a kill in the middle of a save
     best = state.best
@@ -229,6 +240,17 @@ def restore(state: TrainingState, checkpoint: dict, out_dir: Path, s) -> None:
         f"{state.epoch} epochs done"
     print(f"resuming at epoch {state.epoch + 1} of {s.epochs} ({so_far})" if state.epoch < s.epochs else
           f"resuming: all {s.epochs} epochs were done, evaluating")
+
+
+def precision_change(checkpoint: dict, precision: str) -> str | None:
+    """One line when a resume computes in another precision than the checkpoint's epochs (a bf16 run continued on a
+    T4 or V100 goes on in fp16 with a fresh loss scale; a GPU run continued on a CPU in float32): allowed, since the
+    alternative is a run that cannot be finished, but the epochs that follow are not those of an uninterrupted run."""
+    trained_in = checkpoint.get("precision") or ("float16" if checkpoint["scaler"] else None)  # older files: unknown
+    if trained_in is None or trained_in == precision:
+        return None
+    return (f"note: the epochs so far were trained in {trained_in}, this device continues in {precision}; the rest "
+            f"of the run will not be identical to an uninterrupted one")
 
 
 def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: float) -> float:
@@ -257,6 +279,8 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     makes exact (saving mid-epoch would also need the sampler's position and the loader's prefetched batches)."""
     out_dir = Path(out_dir)
     if s.sync_bn and world_size() > 1:
+        if s.compile:  # the compiled graph breaks at every SyncBatchNorm, and PyTorch has open crash reports on it
+            raise UserError("--compile with --sync-bn is not supported: drop one of them")
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU version")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
@@ -266,7 +290,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainingState(model, moving_average(model, s.ema, s.epochs * len(loader)), optimizer, scheduler, scaler,
-                          loss=loss_fn)
+                          loss=loss_fn, precision=str(amp_dtype or torch.float32).removeprefix("torch."))
     compiled = torch.compile(model) if s.compile else model
     step_model = compiled
     if dist.is_initialized():
@@ -295,14 +319,20 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
                                                              * bool(state.best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
-            if is_main():
-                row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn, desc="validating")))
-                row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]), "seconds": time.time() - started}
-                plotted = end_of_epoch(state, row, s, out_dir, plotted)
-            barrier()  # the other ranks wait while rank 0 validates and saves
-            if stop.signal:  # arrived during validation or saving: this epoch is complete and saved
-                raise UserError(f"stopped by {stop.signal} after epoch {epoch}; last.pt holds epoch {epoch}, "
-                                f"{resume_hint}")
+            failure = None
+            if is_main():  # the other ranks wait in settle while rank 0 validates and saves
+                try:
+                    row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn,
+                                                           desc="validating")))
+                    row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]),
+                           "seconds": time.time() - started}
+                    plotted = end_of_epoch(state, row, s, out_dir, plotted)
+                except Exception as e:  # reported to every rank before it is raised here
+                    failure = e
+            settle(failure)
+            if any_rank([bool(stop.signal)])[0]:  # came during validation or saving: this epoch is complete and saved
+                raise UserError(f"stopped by {stop.signal or 'a signal to another rank'} after epoch {epoch}; last.pt "
+                                f"holds epoch {epoch}, {resume_hint}")
     return state
 
 
