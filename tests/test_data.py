@@ -118,7 +118,7 @@ def test_balanced_batches_and_epoch_length(tiny_data, tmp_path):
     loader = train_loader(data, s, torch.device("cpu"))
     n_train = int((data.frame["split"] == "train").sum())
     assert n_train > 3 * s.batch_size
-    batches = [targets for _, targets, _ in loader]
+    batches = [targets for _, targets, *_ in loader]
     assert len(batches) == n_train // s.batch_size  # one epoch = the training split, not 100,000 samples
     for targets in batches:
         assert targets.sum().item() == s.batch_size // 2
