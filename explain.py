@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import plots
 from augment import to_float
-from dataset import decode
+from image_cache import decode
 from inference import Predictions
 from metadata import find_layout, locate_images
 from utils import UserError

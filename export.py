@@ -23,7 +23,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from augment import to_float
 from config import COUNT, Parser, add_settings
-from dataset import decode
+from image_cache import decode
 from inference import load_run
 from metadata import find_layout, locate_images
 from splits import read_splits

@@ -13,9 +13,10 @@ from augment import to_float
 from checkpoints import evaluation_weights, load_checkpoint
 from config import Settings
 from dataset import image_loader
+from devices import autocast_dtype
 from modules import build_model
 from tabular import metadata_width
-from utils import UserError, autocast_dtype
+from utils import UserError
 
 
 @dataclass

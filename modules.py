@@ -85,7 +85,7 @@ def full_precision(device_type: str):
     """Autocast off for the layers after the trunk: under bf16 their outputs, the scores and the embeddings that
     kNN and prototypes compare, would keep about 3 significant digits, which ties scores in AUROC/pAUC and moves the
     validation threshold. The embedder and head are a sliver of the network's compute."""
-    if device_type in ("cuda", "cpu"):  # the devices this code autocasts on (utils.autocast_dtype, tests)
+    if device_type in ("cuda", "cpu"):  # the devices this code autocasts on (devices.autocast_dtype, tests)
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -17,6 +17,8 @@ from checkpoints import evaluation_weights, load_checkpoint, require_resumable
 from config import RESUMABLE, Settings, settings_from_cli
 from dataset import data_report, prepare_data
 from demo import make_dataset
+from devices import autocast_dtype, pick_device
+from distributed import broadcast, init_distributed, is_main, rank0_first
 from evaluation import evaluate_run
 from modules import build_model
 from reports import summary_line
@@ -24,8 +26,7 @@ from splits import write_splits
 from tabular import metadata_width, with_metadata
 from train import fit
 from webreport import record_command, write_report
-from utils import (UserError, autocast_dtype, broadcast, init_distributed, is_main, library_versions,
-                   pick_device, rank0_first, seed_everything, set_deterministic, write_json, write_text)
+from utils import UserError, library_versions, seed_everything, set_deterministic, write_json, write_text
 
 DEMO_DATA = Path("data/demo")
 CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite

@@ -60,7 +60,7 @@ def pairs_plot(history, path) -> None:
         ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker="o", label="negative pairs")
         ax.set(xlabel="epoch", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower left" if kind == "active" else "best")  # positives often sit at 1.0, top right
     left.set(title="Active pairs in training batches", ylim=(-0.02, 1.02))
     right.set(title="Distances in training batches")
     save(fig, path)
@@ -131,18 +131,7 @@ def calibration_plot(y, probabilities: dict, path, bins: int = 10) -> None:
 
 def gallery_plot(rows: dict, path) -> None:
     """rows: title -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Image, then overlay."""
-    columns = 2 * max([len(cases) for cases in rows.values()] + [1])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (title, cases) in enumerate(rows.items()):
-        axes[r, 0].set_title(title if cases else f"{title}: none", loc="left", fontsize=9, fontweight="bold")
-        for c, (image, cam, caption) in enumerate(cases):
-            axes[r, 2 * c].imshow(image)
-            axes[r, 2 * c].text(0.02, 0.98, caption, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
-                                color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
-            axes[r, 2 * c + 1].imshow(image)
-            axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    fig = _cam_rows(rows)
     fig.suptitle("Most confident cases (left: image with P(melanoma), right: Grad-CAM of the trunk's last block)",
                  fontsize=9)
     save(fig, path)
@@ -174,17 +163,23 @@ def similar_plot(rows: list, path, note: str = "") -> None:
 
 def cam_gallery_plot(rows: dict, path, title: str) -> None:
     """gallery_plot with a title that says how the heat maps were made (which block, how many cells)."""
+    fig = _cam_rows(rows, title_space=0.3)
+    fig.suptitle(title, fontsize=8)
+    save(fig, path)
+
+
+def _cam_rows(rows: dict, title_space: float = 0.0):
+    """The figure both galleries draw: a row per title, each case as its image then its Grad-CAM overlay."""
     columns = 2 * max([len(cases) for cases in rows.values()] + [1])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows) + title_space), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for r, (row_title, cases) in enumerate(rows.items()):
-        axes[r, 0].set_title(row_title if cases else f"{row_title}: none", loc="left", fontsize=9, fontweight="bold")
+    for r, (title, cases) in enumerate(rows.items()):
+        axes[r, 0].set_title(title if cases else f"{title}: none", loc="left", fontsize=9, fontweight="bold")
         for c, (image, cam, caption) in enumerate(cases):
             axes[r, 2 * c].imshow(image)
             axes[r, 2 * c].text(0.02, 0.98, caption, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
                                 color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
             axes[r, 2 * c + 1].imshow(image)
             axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    fig.suptitle(title, fontsize=8)
-    save(fig, path)
+    return fig

@@ -16,6 +16,7 @@ import numpy as np
 
 from config import COUNT, Parser, add_settings
 from dataset import prepare_data
+from devices import pick_device
 from ensemble import HOW, write_ensemble
 from evaluation import evaluate_run, evaluate_split, needs_val, predict_dataset, predict_images
 from inference import load_run
@@ -23,7 +24,7 @@ from metadata import find_layout, load_metadata
 from reports import BOOTSTRAP, summary_line
 from splits import read_splits, train_prevalence
 from tabular import with_metadata
-from utils import UserError, cli_main, pick_device
+from utils import UserError, cli_main
 from webreport import write_report
 
 ELSEWHERE = {"data_dir": "another labelled dataset (same layouts as driver.py): score every row",

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from utils import UserError, is_main, write_json
+from distributed import is_main
+from utils import UserError, write_json
 
 # Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.
 SOURCES = {"age": ("age_approx", "age"), "sex": ("sex",),

@@ -22,12 +22,13 @@ import webreport
 from augment import BatchAugment, to_float
 from checkpoints import FORMAT, save_checkpoint
 from dataset import eval_loader, train_loader
+from devices import autocast_dtype
+from distributed import any_rank, is_main, rank, settle, world_size
 from inference import evaluate
 from losses import PAIR_STATS, build_loss, epoch_pair_stats
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
 from weight_average import WeightAverage
-from utils import (UserError, any_rank, autocast_dtype, is_main, rank, remove_stale_temporaries, rng_state,
-                   seed_everything, set_rng_state, settle, world_size, write_csv)
+from utils import UserError, remove_stale_temporaries, rng_state, seed_everything, set_rng_state, write_csv
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
 PLOT_EVERY_S = 30  # redrawing the four history plots takes ~0.3 s, a noticeable share of a 2-second CPU epoch
@@ -182,7 +183,7 @@ class TrainingState:
     best: dict = field(default_factory=lambda: {"score": -math.inf, "epoch": 0})
     history: list = field(default_factory=list)
     loss: nn.Module | None = None
-    precision: str = "float32"  # what the steps compute in: utils.autocast_dtype's name for the device
+    precision: str = "float32"  # what the steps compute in: devices.autocast_dtype's name for the device
 
     def state_dict(self, s) -> dict:
         return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

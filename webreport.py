@@ -8,11 +8,7 @@ plots (the page then says the run is still training), at the end of training, an
 """
 from __future__ import annotations
 
-import base64
-import csv
 import dataclasses
-import html
-import json
 import math
 import os
 import re
@@ -23,6 +19,8 @@ from pathlib import Path
 
 from config import PROFILES, Settings
 from utils import write_text
+from webreport_html import (SHOWN_ROWS, csv_table, esc, figure, fmt, is_number, leaves, number_groups, read_csv,
+                            read_json, table)
 
 REPORT, COMMANDS = "report.html", "commands.txt"
 SPLITS = ("test", "val")  # test first: the headline (and first when the columns stack in a narrow window)
@@ -39,18 +37,7 @@ THRESHOLD_ROWS = ("threshold", "sensitivity", "specificity", "precision", "f1", 
 CALIBRATION_ROWS = {"brier": "Brier (raw: 50% training prior)", "brier_prior_corrected": "Brier, prior-corrected",
                     "ece": "ECE (raw)", "ece_prior_corrected": "ECE, prior-corrected",
                     "train_prevalence": "training prevalence", "ece_bins": "ECE bins"}
-SHOWN_ROWS = 20  # of the history and of CSV tables; the files hold all
-
 CSS = Path(__file__).with_name("webreport.css")  # inlined into each page
-
-
-def esc(value) -> str:
-    return html.escape(str(value))
-
-
-def fmt(value) -> str:
-    """How the page writes a number: integers as they are, everything else with 4 decimals (like the summary)."""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def record_command(folder) -> None:
@@ -70,35 +57,6 @@ def write_report(folder, training: bool = False, run=None, command: bool = False
         record_command(folder)
     write_text(folder / REPORT, Page(folder, Path(run) if run else None, training).render())
     return folder / REPORT
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def data_uri(path: Path) -> str:
-    kind = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}[path.suffix.lower()]
-    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
-
-
-def figure(path: Path, caption: str) -> str:
-    return (f'<figure><img src="{data_uri(path)}" alt="{esc(caption)}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
-
-
-def table(header, rows, numeric_from: int = 1) -> str:
-    """rows hold HTML already escaped; columns from `numeric_from` on are right-aligned numbers."""
-    def cells(row, tag):
-        return "".join(f'<{tag}{" class=n" if i >= numeric_from else ""}>{c}</{tag}>' for i, c in enumerate(row))
-    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    return f'<div class="wrap"><table><tr>{cells(header, "th")}</tr>{body}</table></div>'
 
 
 class Page:
@@ -348,35 +306,3 @@ class Page:
                 if path not in self.shown[split] and is_number(value):
                     rows.append([esc(split), f"<code>{esc('.'.join(map(str, path)))}</code>", self.num(split, *path)])
         return table(["set", "key", "value"], rows, numeric_from=2) if rows else ""
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def csv_table(rows: list[dict], title: str) -> str:
-    shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else f"{len(rows)} rows"
-    return (f"<p>{esc(title)}: {shown}.</p>"
-            + table(list(rows[0]), [[esc(v) for v in r.values()] for r in rows[:SHOWN_ROWS]]))
-
-
-def number_groups(value: dict, path=()):
-    """(path, dict) for every dict within `value` that holds numbers directly."""
-    numbers = {k: v for k, v in value.items() if is_number(v)}
-    if numbers and path:
-        yield path, numbers
-    for k, v in value.items():
-        if isinstance(v, dict):
-            yield from number_groups(v, (*path, k))
-
-
-def leaves(value, path=()):
-    """(path, value) for every leaf of nested dicts and lists."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from leaves(v, (*path, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from leaves(v, (*path, i))
-    else:
-        yield path, value

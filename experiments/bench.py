@@ -27,12 +27,13 @@ from config import Settings
 from augment import BatchAugment, to_float
 from dataset import ImageDataset, eval_loader, image_loader, prepare_data, train_loader
 from demo import make_dataset
+from devices import autocast_dtype
 from inference import evaluate
 from losses import build_loss
 from modules import SiameseNet
 from pipeline import DECODE_WORKERS, loader_workers
 from train import build_optimizer, moving_average, train_one_epoch
-from utils import autocast_dtype, seed_everything, set_deterministic
+from utils import seed_everything, set_deterministic
 
 
 def rate(images: int, seconds: float) -> float:

@@ -1,3 +1,4 @@
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,12 @@ def tiny(epochs: int, workers: int | None = 0) -> list[str]:
 def tiny_data(tmp_path_factory):
     """A 160-image synthetic dataset in the Kaggle layout (about 15% malignant)."""
     return make_dataset(tmp_path_factory.mktemp("tiny"), n_images=160, malignant_rate=0.2, size=40, seed=1)
+
+
+def cli(script, *args):
+    """Run a script of the repository (driver.py, predict.py) as a user types it; its output is kept, not printed."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
 
 
 def needs(path: Path):

@@ -13,14 +13,15 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import devices
 import train
-import utils
 from conftest import ROOT, tiny
 from config import Settings
 from demo import make_dataset
+from devices import autocast_dtype, pick_device
 from modules import SiameseNet
 from train import TrainingState, precision_change
-from utils import UserError, autocast_dtype, pick_device, rng_state, set_rng_state
+from utils import UserError, rng_state, set_rng_state
 from weight_average import WeightAverage
 
 CUDA = torch.cuda.is_available()
@@ -170,7 +171,7 @@ def test_compile_with_sync_bn_is_refused_in_one_line(monkeypatch, tmp_path):
 def test_a_gpu_pytorch_cannot_use_is_named(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    monkeypatch.setattr(utils.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert pick_device("auto").type == "cpu"
@@ -185,9 +186,9 @@ def test_a_gpu_pytorch_cannot_use_is_named(monkeypatch, capsys):
 
 def test_no_warning_without_an_nvidia_gpu(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(utils.shutil, "which", lambda name: None)
-    monkeypatch.setattr(utils, "Path", lambda p: tmp_path / "no-such-folder")
-    assert utils.gpu_hidden_from_torch() is None
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    monkeypatch.setattr(devices, "Path", lambda p: tmp_path / "no-such-folder")
+    assert devices.gpu_hidden_from_torch() is None
 
 
 # ---------------------------------------------------------------- 4. torchrun: one rank fails, every rank stops

@@ -1,24 +1,17 @@
 """A tiny real run through the command lines users type: driver.py, then predict.py on the saved run."""
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import ROOT, SAMPLE, needs, tiny
+from conftest import SAMPLE, cli, needs, tiny
 
 RUN_FILES = ["config.json", "splits.csv", "data_report.txt", "history.csv", "best.pt", "last.pt",
              "loss.png", "accuracy.png", "auroc.png", "pauc.png"]
 EVAL_FILES = ["metrics.json", "predictions.csv", "classification_report.txt", "roc.png", "confusion_matrix.png",
               "embeddings.png"]
 TINY = tiny(2)
-
-
-def cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -15,7 +14,8 @@ from PIL import Image
 import train
 import webreport
 from config import Settings
-from conftest import ROOT, tiny
+from conftest import cli, tiny
+from webreport_html import is_number, leaves
 
 SECTIONS = ["What was run", "Training curves", "Test summary", "ROC, precision-recall and calibration", "Embeddings",
             "Error gallery"]
@@ -68,15 +68,8 @@ def formatted(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def leaves(value, path=()):
-    if isinstance(value, dict):
-        for k, v in value.items():
-            yield from leaves(v, (*path, k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            yield from leaves(v, (*path, i))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        yield path, value
+def numbers_in(metrics):
+    return ((path, value) for path, value in leaves(metrics) if is_number(value))
 
 
 def lookup(metrics, path):
@@ -91,7 +84,7 @@ def check_numbers(folder, splits=("test", "val")) -> Page:
     for split in splits:
         metrics = json.loads((folder / split / "metrics.json").read_text())
         shown = {path: (text, section) for s, path, text, section in page.numbers if s == split}
-        for path, value in leaves(metrics):
+        for path, value in numbers_in(metrics):
             assert path in shown, f"{split}: {path} not on the page"
             text, section = shown[path]
             assert text == formatted(lookup(metrics, path)), f"{split}: {path} shows {text}, metrics.json {value}"
@@ -222,11 +215,6 @@ def test_headless_chromium_opens_the_page_narrow_and_printed(tmp_path):
 
 
 # ---------------------------------------------------------------- a real tiny run through the command lines
-
-def cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_data, tmp_path_factory):

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import dataset
+import image_cache
 import predict
 from checkpoints import load_checkpoint
 from conftest import ROOT, tiny
-from dataset import cached_images, decode, decode_all
+from image_cache import cached_images, decode, decode_all
 from demo import make_dataset
 from utils import UserError, atomic_path, write_text
 
@@ -119,9 +119,9 @@ def test_whole_cache_is_reused_untouched(images, tmp_path, capsys):
 # holds the lock until the test creates `release` (so that the other one surely arrives while the cache is half-built).
 SHARER = r"""
 import os, sys, time
-import dataset
+import image_cache
 cache, marker, release, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-real = dataset.decode_all
+real = image_cache.decode_all
 def counted(*args, **kwargs):
     with open(marker, "a") as f:
         f.write(f"{os.getpid()}\n")
@@ -129,8 +129,8 @@ def counted(*args, **kwargs):
     while not os.path.exists(release) and time.time() < waited + 30:
         time.sleep(0.05)
     return real(*args, **kwargs)
-dataset.decode_all = counted
-array, errors = dataset.cached_images(paths, 16, cache, 0)
+image_cache.decode_all = counted
+array, errors = image_cache.cached_images(paths, 16, cache, 0)
 print("sum", int(array.astype("int64").sum()), "errors", len(errors), flush=True)
 """
 
@@ -240,7 +240,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch, wr
     path = write(tmp_path / f"bomb.{'png' if write is png_claiming else 'jpg'}", width, height)
     assert path.stat().st_size < 2000
     decoders = []
-    monkeypatch.setattr(dataset, "decode_image", lambda *a, **k: decoders.append("torchvision") or 1 / 0)
+    monkeypatch.setattr(image_cache, "decode_image", lambda *a, **k: decoders.append("torchvision") or 1 / 0)
     monkeypatch.setattr(Image.Image, "load", lambda *a, **k: decoders.append("PIL") or 1 / 0)
     with pytest.raises(ValueError, match=f"{width}x{height}|{width * height} pixels"):
         decode(path, SIZE)
@@ -248,10 +248,10 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path, monkeypatch, wr
 
 
 def test_megapixel_limit_is_the_documented_one(tmp_path):
-    side = int(dataset.MAX_MEGAPIXELS ** 0.5 * 1000)  # 10,000 x 10,000: exactly at the limit, allowed
-    dataset.refuse_huge(png_claiming(tmp_path / "at.png", side, side))
+    side = int(image_cache.MAX_MEGAPIXELS ** 0.5 * 1000)  # 10,000 x 10,000: exactly at the limit, allowed
+    image_cache.refuse_huge(png_claiming(tmp_path / "at.png", side, side))
     with pytest.raises(ValueError, match=f"{side + 1}x{side} pixels .* above the 100-megapixel limit"):
-        dataset.refuse_huge(png_claiming(tmp_path / "above.png", side + 1, side))
+        image_cache.refuse_huge(png_claiming(tmp_path / "above.png", side + 1, side))
 
 
 def test_bombs_among_training_images_are_listed_as_unreadable(images, tmp_path):
