@@ -9,32 +9,10 @@ resumed run ended like an uninterrupted one.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-import pandas as pd
 
 from config import Parser
+from experiments.comparison import COMPARED, differences
 from utils import UserError, cli_main
-
-COMPARED = ["splits.csv", "history.csv", "val/metrics.json", "test/metrics.json"]
-
-
-def comparable_text(path: Path) -> str:
-    if path.name == "history.csv":  # wall-clock time differs between any two runs
-        return pd.read_csv(path).drop(columns="seconds").to_csv(index=False)
-    return path.read_text()
-
-
-def differences(a, b) -> list[str]:
-    """The files of COMPARED that differ or are missing in one of the two runs (empty: the runs agree)."""
-    found = []
-    for name in COMPARED:
-        left, right = Path(a) / name, Path(b) / name
-        if not left.is_file() or not right.is_file():
-            found.append(f"{name}: missing in {left.parent if not left.is_file() else right.parent}")
-        elif comparable_text(left) != comparable_text(right):
-            found.append(f"{name}: differs")
-    return found
 
 
 def run(argv=None) -> None:

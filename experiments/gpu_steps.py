@@ -178,7 +178,7 @@ def run_summary(out: Path, output: str) -> str:
 
 def rescore(c: Check) -> str:
     """predict.py --run on a copy of the run (less its test/ folder) must reproduce the test metrics."""
-    from experiments.compare_runs import differences
+    from experiments.comparison import differences
     if "train" not in c.runs:
         raise Skipped("skipped: the training step did not finish")
     source, copy = c.runs["train"], c.work / "rescored"
@@ -211,7 +211,7 @@ def largest_difference(a, b, where="") -> tuple[float, str]:
 
 def kill_and_resume(c: Check) -> str:
     """SIGKILL a run as soon as history.csv shows its first epoch, resume it, and compare with the uninterrupted run."""
-    from experiments.compare_runs import differences
+    from experiments.comparison import differences
     out = c.work / "killed"
     shutil.rmtree(out, ignore_errors=True)
     args = [sys.executable, ROOT / "driver.py", "--data-dir", c.data, "--out", out, *c.flags, "--epochs", "2"]
