@@ -12,6 +12,7 @@ two differ by resampling rounding only: the check reports the largest difference
 """
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -61,11 +62,8 @@ def write_export(model: nn.Module, img_size: int, height: int, width: int, path:
     if fmt == "pt2":
         torch.export.save(program, path)
         return
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
-    except ImportError:
-        raise UserError("--format onnx needs the onnx exporter packages: pip install onnx onnxscript onnxruntime") \
-            from None
+    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
+        raise UserError("--format onnx needs the onnx exporter packages: pip install onnx onnxscript onnxruntime")
     torch.onnx.export(program, (example,), str(path), input_names=["images"],
                       output_names=["probability", "embedding"], dynamo=True, optimize=True)
 

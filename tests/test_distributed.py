@@ -34,7 +34,7 @@ def launch(command, data, out, cache):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     data = make_dataset(root / "data", n_images=120, malignant_rate=0.2, size=40, seed=1)
-    one = launch([sys.executable], data, root / "one", root / "cache")
+    launch([sys.executable], data, root / "one", root / "cache")
     two = launch(TORCHRUN, data, root / "two", root / "cache")
     return root / "one", root / "two", two
 
