@@ -82,7 +82,8 @@ def run(given: dict) -> Path:
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
     metrics = evaluate_run(out, s, model, data, device, s.tta)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
-    print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, train_embeddings.pt, val/, test/")
+    print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, "
+          "train_embeddings.pt, val/, test/")
     print(f"report: {write_report(out)}")  # the last line: the one page to open
     return out
 
