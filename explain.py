@@ -87,7 +87,7 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
             cams = grad_cam(model.eval(), images, metadata).cpu().numpy()
             images = images.permute(0, 2, 3, 1).cpu().numpy()
         rows[title] = [(images[j], cams[j], f"{ids[i]}\nP={p[i]:.3f}") for j, i in enumerate(cases)]
-    plots.cam_gallery_plot(rows, path, "Most confident cases (left: image with P(melanoma), right: Grad-CAM)\n"
+    plots.gallery_plot(rows, path, "Most confident cases (left: image with P(melanoma), right: Grad-CAM)\n"
                            + cam_note(dataset[0][0].shape[-1]))
 
 

@@ -129,14 +129,6 @@ def calibration_plot(y, probabilities: dict, path, bins: int = 10) -> None:
     save(fig, path)
 
 
-def gallery_plot(rows: dict, path) -> None:
-    """rows: title -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Image, then overlay."""
-    fig = _cam_rows(rows)
-    fig.suptitle("Most confident cases (left: image with P(melanoma), right: Grad-CAM of the trunk's last block)",
-                 fontsize=9)
-    save(fig, path)
-
-
 def similar_plot(rows: list, path, note: str = "") -> None:
     """rows: (title, query, neighbours); query (image, caption, malignant or None when unknown); neighbours a list of
     (image, caption, malignant), nearest first. Images (H, W, 3) in [0, 1]; malignant ones get a red frame."""
@@ -161,8 +153,9 @@ def similar_plot(rows: list, path, note: str = "") -> None:
     save(fig, path)
 
 
-def cam_gallery_plot(rows: dict, path, title: str) -> None:
-    """gallery_plot with a title that says how the heat maps were made (which block, how many cells)."""
+def gallery_plot(rows: dict, path, title: str) -> None:
+    """rows: title -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Image, then overlay;
+    `title` says how the heat maps were made (which block, how many cells)."""
     fig = _cam_rows(rows, title_space=0.3)
     fig.suptitle(title, fontsize=8)
     save(fig, path)

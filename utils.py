@@ -66,16 +66,11 @@ def version_problem(found: dict | None = None) -> str | None:
     return None
 
 
-def require_supported_versions() -> None:
-    problem = version_problem()
-    if problem:
-        raise UserError(problem)
-
-
 # Checked when this module is first imported, which every entry point does early on: an old release then stops the
 # program with one line at start-up instead of a traceback from deep inside a run.
-if version_problem():
-    sys.exit(f"error: {version_problem()}")
+_VERSION_PROBLEM = version_problem()
+if _VERSION_PROBLEM:
+    sys.exit(f"error: {_VERSION_PROBLEM}")
 
 
 # ---------------------------------------------------------------- reproducibility
