@@ -73,7 +73,8 @@ class JointLoss(nn.Module):
         self.bce = nn.BCEWithLogitsLoss()
         self.contrastive = ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin,
                                            distance=LpDistance(p=2, power=1, normalize_embeddings=normalize_embeddings))
-        self.miner = MINERS[miner]() if MINERS[miner] else None
+        # The miners pick pairs by the distance the loss measures (their defaults: cosine similarity, normalised L2).
+        self.miner = MINERS[miner](distance=self.contrastive.distance) if MINERS[miner] else None
         self.memory = None
         if memory_size:
             self.memory = Memory(self.contrastive, embedding_dim, memory_size, miner=self.miner)

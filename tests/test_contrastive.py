@@ -93,6 +93,22 @@ def test_miner_keeps_fewer_pairs(miner):
     assert loss_fn(embeddings.requires_grad_(), torch.zeros(16), y)[2].item() == pytest.approx(expected.item())
 
 
+@pytest.mark.parametrize("miner", ["multisimilarity", "batchhard"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_miner_measures_the_losss_distance(miner, normalize):
+    torch.manual_seed(0)
+    embeddings = torch.randn(8, 4) * torch.arange(1, 9)[:, None]  # lengths differ: raw and normalised L2 disagree
+    loss_fn = JointLoss(miner=miner, normalize_embeddings=normalize)
+    assert torch.equal(loss_fn.miner.distance(embeddings), loss_fn.contrastive.distance(embeddings))
+
+
+def test_batch_hard_miner_picks_the_farthest_positive_by_raw_distance():
+    # Anchor 0's positives: 1 lies in its direction but 9 away, 2 at a right angle but only 1.4 away.
+    embeddings, y = torch.tensor([[1.0, 0], [10, 0], [0, 1], [1.2, 0.2]]), torch.tensor([0, 0, 0, 1])
+    anchors, positives, _ = JointLoss(miner="batchhard", normalize_embeddings=False).miner(embeddings, y)
+    assert positives[anchors == 0].tolist() == [1]
+
+
 def test_diagnosis_pair_labels_make_same_diagnosis_pairs_positive():
     frame = pd.DataFrame({"target": [0, 0, 0, 1, 0], "diagnosis": ["nevus", "unknown", "nevus", "melanoma", None]})
     codes = pair_label_codes(frame, "diagnosis")
