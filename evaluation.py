@@ -23,8 +23,7 @@ from utils import UserError, write_csv
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 
 
-def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True,
-            device=None) -> Scoring:
+def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True) -> Scoring:
     """Choose the threshold (Youden's J) and k here when `chosen` is None (the val split), else reuse val's.
     Labelled images also get retrieval metrics against the training split."""
     if chosen is None:
@@ -39,7 +38,7 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
     else:
         k = chosen["scorers"]["knn"]["k"]
         by_k = knn_scores(train, refs.targets, query, [k])
-    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets, device) if labelled else {}
+    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets) if labelled else {}
     return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}, k,
                    retrieval)
 
@@ -81,7 +80,7 @@ def score_views(model, dataset, refs: References, s, device, tta: bool, val: dic
                  labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
     return {view: scoring(score(scorer, dataset, s, device), refs, view, s,
-                          None if val is None else chosen_on_val(val, view), labelled, device)
+                          None if val is None else chosen_on_val(val, view), labelled)
             for view, scorer in views(model, tta).items()}
 
 

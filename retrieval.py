@@ -54,19 +54,20 @@ CLASS_NAMES = ("benign", "malignant")
 KNN_CELLS = 4_000_000  # queries x references per call of the calculator: bounds its float64 work tensors (~32 MB)
 
 
-def retrieval_metrics(train_embeddings, train_y, embeddings, y, device=None) -> dict:
+def retrieval_metrics(train_embeddings, train_y, embeddings, y) -> dict:
     """pytorch-metric-learning's precision@1, R-precision and MAP@R of labelled queries against the training split.
 
     With two classes, R (the number of same-class references) is the whole class: every benign query ranks all
     references (exact, k = R). The calculator runs one class at a time in chunks of queries, so its (queries x R)
     work tensors stay small; per-sample means are then pooled. Reported per class, as the mean of the two classes
     (a benign majority would otherwise decide the pooled numbers: 98% of ISIC queries) and pooled over all queries.
+    Always on the CPU, whatever the run's device: the calculator works in float64, which Apple GPUs (MPS) lack.
     """
     from pytorch_metric_learning.distances import LpDistance
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import CustomKNN
 
-    calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count", device=device or torch.device("cpu"),
+    calculator = AccuracyCalculator(include=RETRIEVAL_METRICS, k="max_bin_count", device=torch.device("cpu"),
                                     knn_func=CustomKNN(LpDistance(normalize_embeddings=False)))
     train = torch.as_tensor(np.asarray(train_embeddings), dtype=torch.float32)
     train_y, y = np.asarray(train_y), np.asarray(y)

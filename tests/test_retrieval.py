@@ -8,12 +8,15 @@ import pytest
 import torch
 
 import driver
+import evaluation
 import inference
 import predict
 from checkpoints import load_checkpoint, save_checkpoint
+from config import Settings
 from conftest import tiny
 from modules import SiameseNet
 from references import STORE, References, load_references, save_references, weights_fingerprint
+from inference import Predictions
 from retrieval import nearest, retrieval_metrics
 
 
@@ -49,6 +52,20 @@ def test_retrieval_metrics_match_a_hand_computation():
     for part in m["per_class"].values():
         assert part == {"precision_at_1": 1.0, "r_precision": 0.5, "mean_average_precision_at_r": 0.5,
                         "queries": 1, "R": 2}
+
+
+def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(monkeypatch):
+    # The model's scores are stood in for (no MPS here); what is tested is that nothing after scoring is sent to the
+    # run's device: PML's AccuracyCalculator works in float64, which MPS rejects (and this PyTorch has no MPS at all).
+    train_y, y = np.r_[np.zeros(20, int), np.ones(20, int)], np.array([0, 0, 1, 1])
+    train = np.c_[train_y * 4.0, np.ones(40)].astype(np.float32)
+    pred = Predictions(y, np.array([0.1, 0.2, 0.8, 0.9]), np.zeros(4, np.float32),
+                       np.c_[y * 4.0, np.ones(4)].astype(np.float32), float("nan"))
+    monkeypatch.setattr(evaluation, "score", lambda *args: pred)
+    refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
+                      {"plain": train}, "sha")
+    scored = evaluation.score_views(None, None, refs, Settings(), torch.device("mps"), tta=False, val=None)
+    assert scored["plain"].retrieval["mean_of_classes"]["precision_at_1"] == 1.0
 
 
 def test_other_weights_invalidate_stored_embeddings(tmp_path):
