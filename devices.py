@@ -54,3 +54,8 @@ def autocast_dtype(device: torch.device):
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+
+
+def precision_name(device: torch.device) -> str:
+    """What a forward pass under autocast_dtype computes in on `device`: "bfloat16", "float16" or "float32"."""
+    return str(autocast_dtype(device) or torch.float32).removeprefix("torch.")

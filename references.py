@@ -2,8 +2,9 @@
 
 kNN, prototype and retrieval compare every scored image with the training lesions. Re-embedding ~25,000 training
 images for each folder of new images would cost more than scoring the folder, so the embeddings are stored with the
-SHA-256 of the weights that made them: a changed best.pt (or any other weights) no longer matches, and they are
-recomputed.
+SHA-256 of the weights that made them and the precision they were computed in: a changed best.pt (or any other
+weights), or another precision (references embedded by a bf16 GPU, queries in float32 on a CPU: an identical image
+would no longer be at distance 0), no longer matches, and they are recomputed.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import torch
 from augment import DihedralTTA
 from checkpoints import save_checkpoint
 from dataset import prepare_data
+from devices import precision_name
 from inference import score
 from metadata import ID_COLUMNS, find_layout, read_csv
 from tabular import with_metadata
 
 STORE = "train_embeddings.pt"
-FORMAT = 1  # raise when the stored fields change
+FORMAT = 2  # raise when the stored fields change
 
 
 @dataclass
@@ -33,6 +35,7 @@ class References:
     diagnosis: np.ndarray   # the metadata's `diagnosis` column, "" where it has none
     embeddings: dict        # view ("plain", "tta") → (N, D) float32 raw model embeddings
     weights_sha256: str
+    precision: str          # what the embeddings were computed in: "float32", "bfloat16" or "float16" (autocast)
 
 
 def views(model, tta: bool) -> dict:
@@ -63,33 +66,41 @@ def diagnosis_column(s, ids) -> np.ndarray:
     return np.full(len(ids), "", dtype=object)
 
 
-def load_references(path, fingerprint: str) -> References | None:
-    """The stored references when they were made by these weights; None when missing, stale or unreadable."""
+def load_references(path, fingerprint: str, precision: str) -> References | None:
+    """The stored references when they were made by these weights in this precision; None when missing, stale or
+    unreadable."""
     if not Path(path).is_file():
         return None
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # damaged: recompute rather than fail
         return None
-    if d.get("format") != FORMAT or d.get("weights_sha256") != fingerprint:
+    if d.get("format") != FORMAT:
+        print(f"{path} was written by an older version: embedding the training split again")
+        return None
+    if d["weights_sha256"] != fingerprint:
         print(f"{path} was made by other weights than this best.pt: embedding the training split again")
         return None
+    if d["precision"] != precision:
+        print(f"{path} was embedded in {d['precision']}, this device computes in {precision}: embedding the training "
+              "split again")
+        return None
     return References(np.array(d["ids"], dtype=object), d["targets"].numpy(), np.array(d["diagnosis"], dtype=object),
-                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint)
+                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint, precision)
 
 
 def save_references(path, refs: References) -> None:
-    save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "ids": list(refs.ids),
-                           "targets": torch.as_tensor(refs.targets), "diagnosis": list(refs.diagnosis),
+    save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "precision": refs.precision,
+                           "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets), "diagnosis": list(refs.diagnosis),
                            "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
 
 
 def train_references(run_dir, model, s, device, tta: bool, data=None) -> References:
     """The training split's embeddings (plain, and TTA when asked), from RUN/train_embeddings.pt when it holds them
-    for these weights, else computed (the run's data is read only then) and stored."""
+    for these weights in this device's precision, else computed (the run's data is read only then) and stored."""
     path = Path(run_dir) / STORE
-    fingerprint = weights_fingerprint(model)
-    refs = load_references(path, fingerprint)
+    fingerprint, precision = weights_fingerprint(model), precision_name(device)
+    refs = load_references(path, fingerprint, precision)
     wanted = views(model, tta)
     if data is not None and refs is not None:
         train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
@@ -102,7 +113,8 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
     part = data.frame[data.frame["split"] == "train"]
     if refs is None:
         ids = part["isic_id"].to_numpy().astype(object)
-        refs = References(ids, part["target"].to_numpy().astype(int), diagnosis_column(s, ids), {}, fingerprint)
+        refs = References(ids, part["target"].to_numpy().astype(int), diagnosis_column(s, ids), {}, fingerprint,
+                          precision)
     train = data.dataset("train", s.img_size)
     for view, scorer in wanted.items():
         if view not in refs.embeddings:

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import devices
 import driver
 import evaluation
 import inference
@@ -63,26 +64,28 @@ def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(mon
                        np.c_[y * 4.0, np.ones(4)].astype(np.float32), float("nan"))
     monkeypatch.setattr(evaluation, "score", lambda *args: pred)
     refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
-                      {"plain": train}, "sha")
+                      {"plain": train}, "sha", "float32")
     scored = evaluation.score_views(None, None, refs, Settings(), torch.device("mps"), tta=False, val=None)
     assert scored["plain"].retrieval["mean_of_classes"]["precision_at_1"] == 1.0
 
 
-def test_other_weights_invalidate_stored_embeddings(tmp_path):
+def test_other_weights_or_another_precision_invalidate_stored_embeddings(tmp_path):
     torch.manual_seed(0)
     model = SiameseNet("resnet18", embedding_dim=8)
     refs = References(np.array(["a", "b"], dtype=object), np.array([0, 1]), np.array(["", "nevus"], dtype=object),
-                      {"plain": np.ones((2, 8), np.float32)}, weights_fingerprint(model))
+                      {"plain": np.ones((2, 8), np.float32)}, weights_fingerprint(model), "bfloat16")
     save_references(tmp_path / STORE, refs)
-    loaded = load_references(tmp_path / STORE, weights_fingerprint(model))
+    loaded = load_references(tmp_path / STORE, weights_fingerprint(model), "bfloat16")
     assert list(loaded.ids) == ["a", "b"] and list(loaded.diagnosis) == ["", "nevus"]
+    assert load_references(tmp_path / STORE, weights_fingerprint(model), "float32") is None
     with torch.no_grad():
         model.head.bias += 1e-6
-    assert load_references(tmp_path / STORE, weights_fingerprint(model)) is None
+    assert load_references(tmp_path / STORE, weights_fingerprint(model), "bfloat16") is None
 
 
 @pytest.mark.slow
 def test_predict_images_lists_neighbours_and_embeds_the_training_split_once(tiny_data, tmp_path, monkeypatch):
+    """Once per weights and precision: references embedded in bf16 are not used for float32 queries."""
     run = tmp_path / "run"
     assert driver.main(["--data-dir", str(tiny_data), "--out", str(run), "--cache-dir", str(tmp_path / "cache"),
                         *tiny(1)]) == 0
@@ -111,6 +114,13 @@ def test_predict_images_lists_neighbours_and_embeds_the_training_split_once(tiny
     first = table[table["query_id"] == known].iloc[0]
     assert first["rank"] == 1 and first["isic_id"] == known and first["distance"] < 1e-4
     assert (tmp_path / "out" / "similar.png").stat().st_size > 1000
+    with monkeypatch.context() as bf16:  # as on a bf16 GPU: CPU autocast computes in bf16 too
+        for module in (devices, inference):
+            bf16.setattr(module, "autocast_dtype", lambda device: torch.bfloat16)
+        assert scored() == 2
+    assert scored() == 2  # the stored bf16 references are embedded again in float32
+    table = pd.read_csv(tmp_path / "out" / "neighbours.csv")
+    assert table[table["query_id"] == known].iloc[0]["distance"] < 1e-4
     assert {"knn_score", "prototype_score"} <= set(pd.read_csv(tmp_path / "out" / "predictions.csv").columns)
     checkpoint = load_checkpoint(run / "best.pt")
     for weights in (checkpoint["model"], checkpoint.get("ema") or {}):
