@@ -72,10 +72,23 @@ def settle(failure: Exception | None) -> None:
 
 def rank0_first(work):
     """work() on rank 0, then, once it succeeded, on the other ranks (e.g. reading the data: rank 0 builds the image
-    cache once, the others reuse it); any rank's failure on rank 0 stops them all (settle)."""
-    if not is_main():
-        settle(None)
-        return work()
+    cache once, the others reuse it). A failure on any rank, in either turn, stops them all (settle)."""
+    if is_main():
+        result = settled(work)
+        settle(None)  # the other ranks' turn
+        return result
+    settle(None)
+    return settled(work)
+
+
+def on_main(work) -> None:
+    """work() on rank 0 alone (e.g. writing a file the others read next); every rank goes on once it is done, or
+    stops with its failure (settle)."""
+    settled(work if is_main() else lambda: None)
+
+
+def settled(work):
+    """work() on this rank, then settle: every rank learns whether it failed on any of them."""
     try:
         result = work()
     except Exception as e:
@@ -102,6 +115,21 @@ def _collective(fn, *args, **kwargs):
     except RuntimeError as e:
         raise UserError(f"rank {rank()} lost contact with another rank, which stopped (its own error line says "
                         f"why): {str(e).splitlines()[0][:120]}") from None
+
+
+# How a collective says that another rank has left: NCCL's errors are DistErrors, gloo's plain RuntimeErrors.
+PEER_GONE = ("closed by peer", "reset by peer")
+
+
+def step_failure(error: Exception, where: str) -> UserError:
+    """An exception of a training step under torchrun, as one line: a collective that failed because another rank
+    left (that rank's own line says why), or this rank's own failure. As this rank exits, the others' collectives
+    fail at once on gloo; on NCCL, torchrun ends them when it sees this process exit."""
+    line = (str(error).splitlines() or [""])[0][:160]
+    if isinstance(error, dist.DistError) or any(marker in line for marker in PEER_GONE):
+        return UserError(f"rank {rank()} lost contact with another rank {where}, which stopped (its own error line "
+                         f"says why): {line}")
+    return UserError(f"rank {rank()} failed {where}: {type(error).__name__}: {line}")
 
 
 def broadcast(obj):

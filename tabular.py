@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from distributed import is_main
+from distributed import on_main
 from utils import UserError, write_json
 
 # Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.
@@ -111,13 +111,13 @@ def with_metadata(data, s, run_dir, fit: bool = False):
     """`data` with every row's encoded metadata (data.metadata), for a run with --metadata; unchanged otherwise.
 
     fit=True (a new run): the encoder is fitted on the training split alone and saved in run_dir (by the writing
-    process; every torchrun rank fits the same one). Otherwise the run's saved encoder is used."""
+    process, the other torchrun ranks waiting for it; every rank fits the same one). Otherwise the run's saved
+    encoder is used."""
     if not s.metadata:
         return data
     if fit:
         encoder = MetadataEncoder.fit(data.frame[data.frame["split"] == "train"], parse_fields(s.metadata))
-        if is_main():
-            encoder.save(run_dir)
+        on_main(lambda: encoder.save(run_dir))  # the other ranks read it next (metadata_width)
     else:
         encoder = MetadataEncoder.load(run_dir)
     data.metadata = encoder.transform(data.frame)

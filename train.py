@@ -23,7 +23,7 @@ from augment import BatchAugment, to_float
 from checkpoints import FORMAT, save_checkpoint
 from dataset import eval_loader, train_loader
 from devices import autocast_dtype
-from distributed import any_rank, is_main, rank, settle, world_size
+from distributed import any_rank, is_main, rank, settle, step_failure, world_size
 from inference import evaluate
 from losses import PAIR_STATS, build_loss, epoch_pair_stats
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
@@ -320,6 +320,10 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
                                                              * bool(state.best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
+            except Exception as e:  # under torchrun, one line per rank rather than a traceback and peers that hang
+                if world_size() == 1 or isinstance(e, UserError):
+                    raise
+                raise step_failure(e, f"during epoch {epoch}") from None
             failure = None
             if is_main():  # the other ranks wait in settle while rank 0 validates and saves
                 try:

@@ -12,12 +12,13 @@ import torch.distributed as dist
 from conftest import ROOT, tiny
 from demo import make_dataset
 from checkpoints import load_checkpoint
+from tabular import ENCODER_FILE
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="this PyTorch build has no torch.distributed with the gloo backend")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="this PyTorch build has no torch.distributed with the gloo backend"),
+              pytest.mark.slow]  # every test here trains
 
 TINY = tiny(2)
-pytestmark = pytest.mark.slow  # every test here trains
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # = torchrun
 
 
@@ -67,3 +68,26 @@ def test_resume_needs_the_same_number_of_processes(runs):
                             text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 2
     assert "trained by 2 process(es), not 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_other_ranks_read_the_metadata_encoder_rank_0_wrote_for_this_run(tmp_path):
+    """Rank 0 writes metadata_encoder.json 3 s late (tests/failing_rank.py), over a previous run's folder holding
+    another encoder: the other ranks wait for it rather than read the old one, or none."""
+    data = make_dataset(tmp_path / "data", n_images=80, malignant_rate=0.3, size=32, seed=4)
+    ids = pd.read_csv(data / "train-metadata.csv")["isic_id"]
+    pd.DataFrame({"image_name": ids, "age_approx": 50, "sex": ["male", "female"] * 40,
+                  "anatom_site_general_challenge": ["torso", "head/neck", "lower extremity", None] * 20}
+                 ).to_csv(tmp_path / "facts.csv", index=False)
+    previous = tmp_path / "run"
+    previous.mkdir()
+    (previous / "config.json").write_text("{}")
+    (previous / ENCODER_FILE).write_text(json.dumps({"columns": {"sex": "sex"}, "age_mean": 0.0, "age_scale": 1.0,
+                                                     "categories": {"sex": ["female", "male", "unknown"]}}))
+    result = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "failing_rank.py"), "--data-dir", str(data),
+                             "--out", str(previous), "--overwrite", "--cache-dir", str(tmp_path / "cache"),
+                             "--metadata", "age,sex,site", "--extra-csv", str(tmp_path / "facts.csv"), *tiny(1)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "FAIL": "slow-encoder"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    encoder = json.loads((previous / ENCODER_FILE).read_text())
+    assert list(encoder["columns"]) == ["age", "sex", "site"]
