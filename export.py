@@ -4,11 +4,12 @@
     python export.py --run runs/X                       # → runs/X/model.pt2, checked on 16 of the run's test images
     python export.py --run runs/X --format onnx         # → runs/X/model.onnx (pip install onnx onnxscript onnxruntime)
 
-The exported model takes a batch of uint8 RGB images (B, 3, H, W), any batch size, at the H x W it was exported for
-(default: the size of the run's own image files; --input-size H W for another) and returns (probability of melanoma,
-embedding): it crops the centre square, resizes it to the run's --img-size (antialiased bilinear), scales to [0, 1]
-and normalises as the run did. The pipeline resizes the shorter side first and rounds to uint8 before cropping, so the
-two differ by resampling rounding only: the check reports the largest difference.
+The exported model takes a batch of uint8 RGB images (B, 3, H, W) of any batch size, height and width (each at least
+2 pixels; the images of one batch share their H x W) and returns (probability of melanoma, embedding). Its
+preprocessing is the pipeline's own (image_cache.decode): the shorter side resized to the run's --img-size
+(antialiased bilinear, rounded to integers after the horizontal and after the vertical pass, as torchvision resizes
+uint8 images), the centre square cropped, scaled to [0, 1]; the network normalises as the run did. The export is
+checked on the first --check test images as they are and on a portrait and a landscape crop of each.
 """
 from __future__ import annotations
 
@@ -20,45 +21,63 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.io import ImageReadMode, decode_image
 
 from augment import to_float
 from config import COUNT, Parser, add_settings
-from image_cache import decode
+from image_cache import read_rgb, resize_and_crop
 from inference import load_run
 from metadata import find_layout, locate_images
 from splits import read_splits
-from utils import UserError, cli_main
+from utils import UserError, atomic_path, cli_main
 
 TOLERANCE = 0.02  # largest accepted |probability difference| between the exported model and the run
+
+
+def centre_offset(excess):
+    """round(excess / 2) as Python rounds (halves to even), the offset of torchvision's center_crop, in integer
+    arithmetic that torch.export keeps symbolic."""
+    half = excess // 2
+    return half + (excess % 2) * (half % 2)
+
+
+def resample(images: torch.Tensor, height, width) -> torch.Tensor:
+    """One antialiased bilinear resize, rounded to integers as a uint8 resize is."""
+    resized = F.interpolate(images, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return (resized + 0.5).floor()  # halves up, as uint8 resizing rounds (torch.round takes them to even)
 
 
 class Deployable(nn.Module):
     """uint8 images (B, 3, H, W) → (probabilities (B,), embeddings (B, D)), preprocessing included.
 
-    The crop is fixed at export for one H x W: a crop that depends on the input's shape would make the exported
-    program guard on the orientation of the example image (torch.export specialises min(H, W))."""
+    image_cache.resize_and_crop in operations whose sizes stay symbolic in H and W: no branch on the orientation (the
+    shorter side by sym_min), and the crop by index_select (narrow would make the program guard on the orientation of
+    the example it was traced with)."""
 
-    def __init__(self, model: nn.Module, img_size: int, height: int, width: int):
+    def __init__(self, model: nn.Module, img_size: int):
         super().__init__()
         self.model, self.img_size = model, img_size
-        side = min(height, width)
-        self.rows = slice((height - side) // 2, (height - side) // 2 + side)
-        self.columns = slice((width - side) // 2, (width - side) // 2 + side)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        square = images[:, :, self.rows, self.columns].float() / 255
-        x = F.interpolate(square, size=(self.img_size, self.img_size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        embedding, logit = self.model(x)
+        size = self.img_size
+        height, width = images.shape[-2:]
+        shorter = torch.sym_min(height, width)
+        new_height, new_width = size * height // shorter, size * width // shorter  # torchvision's int(size * h / w)
+        x = resample(resample(images.float(), height, new_width), new_height, new_width)  # horizontal, then vertical
+        keep = torch.arange(size, device=images.device)
+        x = x.index_select(2, keep + centre_offset(new_height - size))
+        x = x.index_select(3, keep + centre_offset(new_width - size))
+        embedding, logit = self.model(x / 255)
         return torch.sigmoid(logit), embedding
 
 
-def write_export(model: nn.Module, img_size: int, height: int, width: int, path: Path, fmt: str) -> None:
-    """Export for uint8 input (B, 3, height, width) with the batch size left free."""
-    example = torch.zeros(2, 3, height, width, dtype=torch.uint8)  # a batch of 1 would fix the batch size at 1
-    program = torch.export.export(Deployable(model, img_size, height, width).eval(), (example,),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+def write_export(model: nn.Module, img_size: int, path: Path, fmt: str) -> None:
+    """Export for uint8 input (B, 3, H, W) with batch size, height and width left free."""
+    # Traced on a batch of 2 and a shape no other dimension equals: an example of size 1, or H = W, or H or W equal
+    # to img_size, would fix that dimension.
+    example = torch.zeros(2, 3, img_size + 13, img_size + 29, dtype=torch.uint8)
+    free = {0: torch.export.Dim("batch", min=1), 2: torch.export.Dim("height", min=2),
+            3: torch.export.Dim("width", min=2)}
+    program = torch.export.export(Deployable(model, img_size).eval(), (example,), dynamic_shapes=(free,))
     if fmt == "pt2":
         torch.export.save(program, path)
         return
@@ -68,9 +87,10 @@ def write_export(model: nn.Module, img_size: int, height: int, width: int, path:
                       output_names=["probability", "embedding"], dynamo=True, optimize=True)
 
 
-def load_export(path: Path):
-    """A callable uint8 (B, 3, H, W) numpy/tensor → (probabilities, embeddings) as numpy, for either format."""
-    if path.suffix == ".pt2":
+def load_export(path: Path, fmt: str | None = None):
+    """A callable uint8 (B, 3, H, W) numpy/tensor → (probabilities, embeddings) as numpy, for either format
+    (by default the file's suffix)."""
+    if (fmt or Path(path).suffix.lstrip(".")) == "pt2":
         module = torch.export.load(path).module()
         return lambda images: tuple(t.detach().numpy() for t in module(torch.as_tensor(images)))
     try:
@@ -85,6 +105,8 @@ def check_images(run_dir: Path, s, n: int) -> list[Path]:
     """The first `n` images of the run's test split, as files: the export is checked on what users will feed it."""
     splits = read_splits(run_dir / "splits.csv")
     ids = list(splits.loc[splits["split"] == "test", "isic_id"][:n])
+    if not ids:
+        raise UserError(f"{run_dir / 'splits.csv'} has no test images to check the export on")
     _, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
     paths, missing = locate_images(ids, image_dir)
     if missing:
@@ -92,24 +114,25 @@ def check_images(run_dir: Path, s, n: int) -> list[Path]:
     return paths
 
 
-def read_full_size(path: Path) -> torch.Tensor:
-    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.RGB)
+def shapes_to_check(image: torch.Tensor) -> list[torch.Tensor]:
+    """The image as it is, and a portrait and a landscape crop of it with an odd side: the shapes users may feed,
+    whatever shapes the test split holds."""
+    side = min(image.shape[-2:])
+    narrow = side * 2 // 3 | 1
+    return [image, image[:, :side, :narrow], image[:, :narrow, :side]]
 
 
-def largest_difference(exported, model, paths, img_size: int, height: int, width: int) -> tuple[float, int]:
-    """Max |probability difference|, and over how many images: the exported model on the files as they are (those of
-    the exported size), the run's model on the pipeline's decoding of them."""
+def largest_difference(exported, model, paths, img_size: int) -> tuple[float, int]:
+    """Max |probability difference|, and over how many images: the exported model on the images as they are, the
+    run's model on the pipeline's decoding of them (image_cache.resize_and_crop)."""
     worst, checked = 0.0, 0
     with torch.inference_mode():
         for path in paths:
-            image = read_full_size(path)
-            if tuple(image.shape[1:]) != (height, width):
-                continue
-            probability, _ = exported(image[None].numpy())
-            _, logit = model(to_float(decode(path, img_size)[None]))
-            worst = max(worst, float(np.abs(probability - torch.sigmoid(logit).numpy()).max()))
-            checked += 1
+            for image in shapes_to_check(read_rgb(path)):
+                probability, _ = exported(image[None].numpy())
+                _, logit = model(to_float(resize_and_crop(image, img_size)[None]))
+                worst = max(worst, float(np.abs(probability - torch.sigmoid(logit).numpy()).max()))
+                checked += 1
     return worst, checked
 
 
@@ -119,8 +142,6 @@ def run(argv=None) -> None:
     p.add_argument("--format", choices=["pt2", "onnx"], default="pt2",
                    help="pt2: torch.export program (default); onnx: ONNX for ONNX Runtime")
     p.add_argument("--out", help="file to write (default: RUN/model.pt2 or RUN/model.onnx)")
-    p.add_argument("--input-size", type=COUNT, nargs=2, metavar=("H", "W"),
-                   help="input images' height and width (default: the size of the run's first test image)")
     p.add_argument("--check", type=COUNT, default=16, help="test images the export is checked on (default 16)")
     add_settings(p, ["data_dir", "csv", "image_dir"],
                  help={"data_dir": "where the run's images are now, if they moved (default: the run's)"})
@@ -135,18 +156,15 @@ def run(argv=None) -> None:
     model = model.to(memory_format=torch.contiguous_format)
     out = Path(args.out) if args.out else run_dir / f"model.{args.format}"
     paths = check_images(run_dir, s, args.check)
-    height, width = args.input_size or read_full_size(paths[0]).shape[1:]
-    write_export(model, s.img_size, height, width, out, args.format)
-    difference, checked = largest_difference(load_export(out), model, paths, s.img_size, height, width)
-    if not checked:
-        out.unlink()
-        raise UserError(f"none of the {len(paths)} test images checked is {height} x {width}: cannot check the export")
-    if difference > TOLERANCE:
-        out.unlink()
-        raise UserError(f"the exported model differs from the run by up to {difference:.4f} in probability "
-                        f"(more than {TOLERANCE}); nothing written")
-    print(f"wrote {out} for uint8 images (B, 3, {height}, {width}); checked on {checked} test images: largest "
-          f"probability difference {difference:.2e} (tolerance {TOLERANCE})")
+    with atomic_path(out) as written:  # a file that fails its check is never left behind
+        write_export(model, s.img_size, written, args.format)
+        difference, checked = largest_difference(load_export(written, args.format), model, paths, s.img_size)
+        if difference > TOLERANCE:
+            raise UserError(f"the exported model differs from the run by up to {difference:.4f} in probability "
+                            f"(more than {TOLERANCE}); nothing written")
+    print(f"wrote {out} for uint8 images (B, 3, H, W) of any size; checked on {checked} images ({len(paths)} test "
+          f"images, each also cropped to a portrait and a landscape): largest probability difference "
+          f"{difference:.2e} (tolerance {TOLERANCE})")
 
 
 def main(argv=None) -> int:

@@ -49,6 +49,11 @@ def decode(path, size: int) -> torch.Tensor:
     """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → RGB uint8 (3, size, size); shorter side resized, centre-cropped.
 
     Files that are not images, or claim more than MAX_MEGAPIXELS, raise before anything is decoded."""
+    return resize_and_crop(read_rgb(path), size)
+
+
+def read_rgb(path) -> torch.Tensor:
+    """Any JPEG/PNG → RGB uint8 (3, H, W) at its own size; refused undecoded above MAX_MEGAPIXELS."""
     refuse_huge(path)
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
@@ -57,9 +62,13 @@ def decode(path, size: int) -> torch.Tensor:
         with Image.open(path) as pil:
             pil.load()
             image = TF.pil_to_tensor(pil.convert("RGB"))
-    image = TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
-    image = TF.resize(image, size, antialias=True)
-    return TF.center_crop(image, [size, size])
+    return TF.to_dtype(image, torch.uint8, scale=True)  # 16-bit PNGs decode to uint16
+
+
+def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (..., H, W) → (..., size, size): the shorter side resized to `size` (antialiased bilinear), the centre
+    square cropped. export.py reproduces this geometry inside the exported model."""
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
 
 
 class _DecodeAll(Dataset):
