@@ -83,8 +83,9 @@ def write_export(model: nn.Module, img_size: int, path: Path, fmt: str) -> None:
         return
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
         raise UserError("--format onnx needs the onnx exporter packages: pip install onnx onnxscript onnxruntime")
+    # Weights inside the one file (under ONNX's 2 GB limit): written beside it, they would keep the temporary name.
     torch.onnx.export(program, (example,), str(path), input_names=["images"],
-                      output_names=["probability", "embedding"], dynamo=True, optimize=True)
+                      output_names=["probability", "embedding"], dynamo=True, optimize=True, external_data=False)
 
 
 def load_export(path: Path, fmt: str | None = None):

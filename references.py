@@ -91,7 +91,8 @@ def load_references(path, fingerprint: str, precision: str) -> References | None
 
 def save_references(path, refs: References) -> None:
     save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "precision": refs.precision,
-                           "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets), "diagnosis": list(refs.diagnosis),
+                           "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets),
+                           "diagnosis": list(refs.diagnosis),
                            "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
 
 

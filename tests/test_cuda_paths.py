@@ -218,7 +218,9 @@ def test_every_rank_stops_within_seconds_of_one_rank_failing(small_data, tmp_pat
     ended = time.time()
     planted = float(re.search(r"planted at ([\d.]+)", result.stderr)[1])
     assert result.returncode != 0
-    assert ended - planted < 30, result.stderr[-3000:]
+    # Seconds, not a collective's timeout (10 minutes and more): the process exits and torchrun's own shutdown alone
+    # have taken 15-30 s on a busy 2-core machine.
+    assert ended - planted < 60, result.stderr[-3000:]
     assert result.stderr.count(failure) == 1, result.stderr[-3000:]  # said once, by the rank that failed
     assert others_say in result.stderr, result.stderr[-3000:]
     assert "]: Traceback" not in result.stderr, result.stderr[-3000:]  # no rank's ("[rank1]: Traceback ...")
