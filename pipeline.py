@@ -102,7 +102,7 @@ def new_settings(given: dict) -> Settings:
     if s.demo and not s.data_dir and not s.csv:
         s.data_dir = str(demo_data())
     # Absolute paths, so that predict.py works from any folder.
-    for name in ("data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir"):
+    for name in ("data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir"):
         if getattr(s, name):
             setattr(s, name, str(Path(getattr(s, name)).resolve()))
     s.out = str(check_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))
