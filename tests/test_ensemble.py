@@ -204,3 +204,6 @@ def test_images_of_another_dataset_that_the_run_learnt_from_are_not_counted(two_
     assert m["n"] == n_test and m["left_out_seen_in_training"] == len(learnt)
     assert sum(c["queries"] for c in m["retrieval"]["per_class"].values()) == n_test
     assert len(pd.read_csv(tmp_path / "o" / "neighbours.csv")["query_id"].unique()) == n_test
+    assert predict.main(["--run", str(run), "--data-dir", str(data), "--out", str(tmp_path / "all"),
+                         "--workers", "0", "--include-seen"]) == 0
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["n"] == len(splits)
