@@ -4,11 +4,14 @@ reusing them everywhere else; list each image's nearest training lesions (neighb
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from config import Settings
 from dataset import ImageDataset, load_images
 from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
@@ -17,10 +20,55 @@ from metrics import auroc, partial_auc, youden_threshold
 from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
+from splits import SEEN, seen_note, split_of
 from tabular import run_features
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
+SEEN_FILE = "seen_in_training.csv"  # images of another dataset that the run trained or validated on
+
+
+@dataclass
+class LoadedRun:
+    """A trained run ready to score images, and how it scores them: what every evaluation below needs."""
+    run_dir: Path
+    s: Settings
+    model: torch.nn.Module
+    device: torch.device
+    tta: bool = False
+    resamples: int = BOOTSTRAP
+    home: Path | None = None  # where its val/test evaluations go: None, the run folder; an ensemble member's elsewhere
+
+    @property
+    def out(self) -> Path:
+        return Path(self.home or self.run_dir)
+
+    @property
+    def val_dir(self) -> Path:
+        """Where val's choices (threshold, k) are read: a re-evaluation written under `out`, else the run's own."""
+        again = self.out / "val"
+        return again if (again / "metrics.json").is_file() else Path(self.run_dir) / "val"
+
+    def references(self, data=None) -> References:
+        return train_references(self.run_dir, self.model, self.s, self.device, self.tta, data, store=self.home)
+
+
+@dataclass
+class ImageSet:
+    """Scored images: the dataset, each row's id and patient (the bootstrap's unit)."""
+    dataset: ImageDataset
+    ids: np.ndarray
+    patients: np.ndarray | None = None
+
+
+@dataclass
+class OtherData:
+    """Another labelled dataset (predict.py --data-dir, or --csv and --image-dir; --extra-csv)."""
+    data_dir: str | None = None
+    csv: str | None = None
+    image_dir: str | None = None
+    extra_csv: str | None = None
+    count_seen: bool = False  # count the images the run trained or validated on in the metrics
 
 
 def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True) -> Scoring:
@@ -69,57 +117,67 @@ def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, 
                   Path(out_dir) / "similar.png")
 
 
-def read_val_metrics(run_dir) -> dict:
-    path = Path(run_dir) / "val" / "metrics.json"
+def read_val_metrics(run: LoadedRun) -> dict:
+    path = run.val_dir / "metrics.json"
     if not path.is_file():
-        raise UserError(f"{path} is missing: evaluate the validation split first (predict.py --run {run_dir} --split val)")
+        raise UserError(f"{path} is missing: evaluate the validation split first "
+                        f"(predict.py --run {run.run_dir} --split val)")
     return json.loads(path.read_text())
 
 
-def score_views(model, dataset, refs: References, s, device, tta: bool, val: dict | None,
-                 labelled: bool = True) -> dict:
+def score_views(run: LoadedRun, dataset, refs: References, val: dict | None, labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
-    return {view: scoring(score(scorer, dataset, s, device), refs, view, s,
+    return {view: scoring(score(scorer, dataset, run.s, run.device), refs, view, run.s,
                           None if val is None else chosen_on_val(val, view), labelled)
-            for view, scorer in views(model, tta).items()}
+            for view, scorer in views(run.model, run.tta).items()}
 
 
-def write_labelled_set(out_dir, scorings: dict, refs: References, model, dataset, ids, s, device, extra: dict,
-                       groups, resamples: int) -> dict:
+def prediction_columns(scorings: dict) -> dict:
+    """Each view's probability, call at val's threshold and embedding scores, as predictions.csv columns."""
+    columns = {}
+    for view, sc in scorings.items():
+        suffix = "_tta" if view == "tta" else ""
+        columns[f"probability{suffix}"] = sc.pred.probabilities
+        columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
+        columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
+    return columns
+
+
+def write_labelled_set(run: LoadedRun, images: ImageSet, scorings: dict, refs: References, out_dir,
+                       extra: dict) -> dict:
     """gallery.png, neighbours.csv, similar.png, then write_labelled's files (metrics.json last)."""
     out_dir, plain = Path(out_dir), scorings["plain"]
     y, p = plain.pred.targets, plain.pred.probabilities
     cases = gallery_cases(y, p, plain.threshold)
-    write_gallery(model, dataset, ids, plain.pred, plain.threshold, out_dir / "gallery.png", device, cases)
-    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, p)]
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions, y)
+    write_gallery(run.model, images.dataset, images.ids, plain.pred, plain.threshold, out_dir / "gallery.png",
+                  run.device, cases)
+    captions = [f"{i}\nP={v:.3f}" for i, v in zip(images.ids, p)]
+    write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, cases, images.dataset, captions, y)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
-    return write_labelled(scorings, ids, out_dir, s, extra, groups, prevalence, resamples)
+    return write_labelled(scorings, images.ids, out_dir, run.s, extra, images.patients, prevalence, run.resamples)
 
 
-def evaluate_split(run_dir, split: str, s, model, data, device, tta: bool = False, resamples: int = BOOTSTRAP,
-                   references: References | None = None) -> dict:
-    """Evaluate the run's own val or test split. The threshold (Youden's J) and the kNN's k are chosen on val and
-    reused for test; kNN, prototype and retrieval compare with the training split's embeddings (`references`)."""
-    run_dir = Path(run_dir)
-    refs = references or train_references(run_dir, model, s, device, tta, data)
-    val = None if split == "val" else read_val_metrics(run_dir)
-    dataset = data.dataset(split, s.img_size)
-    scorings = score_views(model, dataset, refs, s, device, tta, val)
+def evaluate_split(run: LoadedRun, split: str, data, references: References | None = None) -> dict:
+    """Evaluate the run's own val or test split into run.out/split. The threshold (Youden's J) and the kNN's k are
+    chosen on val and reused for test; kNN, prototype and retrieval compare with the training split's embeddings."""
+    refs = references or run.references(data)
+    val = None if split == "val" else read_val_metrics(run)
+    dataset = data.dataset(split, run.s.img_size)
+    scorings = score_views(run, dataset, refs, val)
     part = data.frame[data.frame["split"] == split]
     extra = {"split": split, "threshold_chosen_on": "val (Youden's J)"}
-    return write_labelled_set(run_dir / split, scorings, refs, model, dataset, part["isic_id"].to_numpy(), s, device,
-                              extra, part["patient_id"].to_numpy(), resamples)
+    images = ImageSet(dataset, part["isic_id"].to_numpy(), part["patient_id"].to_numpy())
+    return write_labelled_set(run, images, scorings, refs, run.out / split, extra)
 
 
-def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: int = BOOTSTRAP) -> dict:
+def evaluate_run(run: LoadedRun, data) -> dict:
     """The end of training: val (fixes the threshold and k), then test. Returns the test metrics."""
-    references = train_references(run_dir, model, s, device, tta, data)
-    evaluate_split(run_dir, "val", s, model, data, device, tta, resamples, references)
-    return evaluate_split(run_dir, "test", s, model, data, device, tta, resamples, references)
+    references = run.references(data)
+    evaluate_split(run, "val", data, references)
+    return evaluate_split(run, "test", data, references)
 
 
-def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False, extra_csv=None) -> pd.DataFrame:
+def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
     neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
     folder = Path(folder)
@@ -129,59 +187,78 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     if not files:
         raise UserError(f"no .jpg, .jpeg or .png images in {folder}")
     frame = pd.DataFrame({"isic_id": [f.stem for f in files], "target": 0})
-    paths, cache, bad = load_images(frame, folder, s)
+    paths, cache, bad = load_images(frame, folder, run.s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
-    if s.metadata and extra_csv:
+    if run.s.metadata and extra_csv:
         frame = join_columns(frame, None, extra_csv)
-    features = run_features(run_dir, s, frame)  # without a CSV every patient fact is unknown
-    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, s.img_size, cache,
+    features = run_features(run.run_dir, run.s, frame)  # without a CSV every patient fact is unknown
+    dataset = ImageDataset(rows, np.zeros(len(rows)), paths, run.s.img_size, cache,
                            metadata=None if features is None else features[rows])
     ids = frame["isic_id"].to_numpy()[rows]
-    val = read_val_metrics(run_dir)
-    refs = train_references(run_dir, model, s, device, tta)
-    scorings = score_views(model, dataset, refs, s, device, tta, val, labelled=False)
-    columns = {"isic_id": ids}
-    for view, sc in scorings.items():
-        suffix = "_tta" if view == "tta" else ""
-        columns[f"probability{suffix}"] = sc.pred.probabilities
-        columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
-        columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
+    held = split_of(Path(run.run_dir) / "splits.csv", ids)
+    if np.isin(held, SEEN).any():
+        print(f"note: {seen_note(held, 'images')}: marked in the run_split column of predictions.csv; their "
+              "nearest training lesion is the image itself")
+    refs = run.references()
+    scorings = score_views(run, dataset, refs, read_val_metrics(run), labelled=False)
     plain = scorings["plain"]
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
-    result = pd.DataFrame(columns)
+    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, cases, dataset, captions)
+    result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings), "run_split": held})
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
 
 
-def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device, tta: bool = False,
-                    resamples: int = BOOTSTRAP, extra_csv=None) -> dict:
+def predict_dataset(source: OtherData, out_dir, run: LoadedRun) -> dict:
     """Every row of another labelled dataset, judged as the run's own test split: every scorer (with TTA when
-    asked) against the run's training split, with the threshold and k chosen on the run's val split."""
-    csv_path, image_dir = find_layout(data_dir, csv, image_dir)
+    asked) against the run's training split, with the threshold and k chosen on the run's val split. Images the
+    run trained or validated on (by id) are scored into seen_in_training.csv and left out of the metrics, unless
+    `source.count_seen`."""
+    csv_path, image_dir = find_layout(source.data_dir, source.csv, source.image_dir)
     frame = load_metadata(csv_path)
-    if s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
-        frame = join_columns(frame, csv_path, extra_csv)
-    features = run_features(run_dir, s, frame)
-    paths, cache, bad = load_images(frame, image_dir, s)
-    rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
-    dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache,
-                           metadata=None if features is None else features[rows])
-    val = read_val_metrics(run_dir)
-    refs = train_references(run_dir, model, s, device, tta)
-    scorings = score_views(model, dataset, refs, s, device, tta, val)
-    extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)"}
-    return write_labelled_set(out_dir, scorings, refs, model, dataset, frame["isic_id"].to_numpy()[rows], s, device,
-                              extra, frame["patient_id"].to_numpy()[rows], resamples)
+    if run.s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
+        frame = join_columns(frame, csv_path, source.extra_csv)
+    features = run_features(run.run_dir, run.s, frame)
+    paths, cache, bad = load_images(frame, image_dir, run.s)
+    held = split_of(Path(run.run_dir) / "splits.csv", frame["isic_id"])
+    seen = np.isin(held, SEEN) & (not source.count_seen)
+    readable = ~frame["isic_id"].isin(bad).to_numpy()
+
+    def images(rows) -> ImageSet:
+        dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, run.s.img_size, cache,
+                               metadata=None if features is None else features[rows])
+        return ImageSet(dataset, frame["isic_id"].to_numpy()[rows], frame["patient_id"].to_numpy()[rows])
+
+    val, refs = read_val_metrics(run), run.references()
+    if (seen & readable).any():
+        write_seen(run, images(np.flatnonzero(seen & readable)), held[seen & readable], refs, val, out_dir)
+        print(f"note: {seen_note(held[readable], 'images of ' + csv_path.name)}: scored into "
+              f"{Path(out_dir) / SEEN_FILE}, left out of the metrics (--include-seen counts them)")
+    counted = np.flatnonzero(~seen & readable)
+    if len(counted) == 0:
+        raise UserError(f"every readable image of {csv_path} is in the run's training or validation split: nothing "
+                        "to evaluate it on (--include-seen counts them anyway)")
+    chosen = images(counted)
+    scorings = score_views(run, chosen.dataset, refs, val)
+    extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)",
+             "left_out_seen_in_training": int(seen.sum())}
+    return write_labelled_set(run, chosen, scorings, refs, out_dir, extra)
 
 
-def needs_val(run_dir, tta: bool) -> bool:
+def write_seen(run: LoadedRun, images: ImageSet, held, refs: References, val: dict, out_dir) -> None:
+    """seen_in_training.csv: the images of another dataset that the run trained or validated on, scored."""
+    scorings = score_views(run, images.dataset, refs, val, labelled=False)
+    write_csv(Path(out_dir) / SEEN_FILE, pd.DataFrame({"isic_id": images.ids, "target": images.dataset.targets,
+                                                       "run_split": held, **prediction_columns(scorings)}))
+
+
+def needs_val(run: LoadedRun) -> bool:
     """Whether val must be (re)evaluated first: test reuses val's threshold and k (and their TTA versions)."""
-    path = Path(run_dir) / "val" / "metrics.json"
+    path = run.val_dir / "metrics.json"
     if not path.is_file():
         return True
     val = json.loads(path.read_text())
-    return "scorers" not in val or (tta and "tta" not in val)
+    return "scorers" not in val or (run.tta and "tta" not in val)

@@ -19,7 +19,7 @@ from dataset import data_report, prepare_data
 from demo import make_dataset
 from devices import autocast_dtype, pick_device
 from distributed import broadcast, init_distributed, is_main, rank0_first
-from evaluation import evaluate_run
+from evaluation import LoadedRun, evaluate_run
 from modules import build_model
 from reports import summary_line
 from splits import write_splits
@@ -80,7 +80,7 @@ def run(given: dict) -> Path:
         return out  # rank 0 evaluates val and test alone, with the whole model
 
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
-    metrics = evaluate_run(out, s, model, data, device, s.tta)
+    metrics = evaluate_run(LoadedRun(out, s, model, device, s.tta), data)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, "
           "train_embeddings.pt, val/, test/")
@@ -102,7 +102,7 @@ def new_settings(given: dict) -> Settings:
     if s.demo and not s.data_dir and not s.csv:
         s.data_dir = str(demo_data())
     # Absolute paths, so that predict.py works from any folder.
-    for name in ("data_dir", "csv", "image_dir", "duplicates", "splits", "cache_dir"):
+    for name in ("data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir"):
         if getattr(s, name):
             setattr(s, name, str(Path(getattr(s, name)).resolve()))
     s.out = str(check_out_dir(s.out, s.overwrite, "demo" if s.demo else f"{s.backbone}-{s.img_size}px"))

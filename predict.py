@@ -6,6 +6,10 @@
     python predict.py --run runs/X --data-dir OTHER     # every row of another labelled dataset, every scorer
     python predict.py --run runs/X --images FOLDER      # unlabelled images: scores and nearest training lesions
     python predict.py --run runs/cv/fold*/bce --images FOLDER --out E   # an ensemble of runs (see ensemble.py)
+
+Another labelled dataset may hold images the run trained or validated on (by id, from its splits.csv): those are
+scored into seen_in_training.csv and left out of the metrics unless --include-seen. An ensemble writes only under
+--out (its members' results in OUT/members/<k>-<run>/): the member run folders stay as they were.
 """
 from __future__ import annotations
 
@@ -17,8 +21,9 @@ import numpy as np
 from config import COUNT, Parser, add_settings
 from dataset import prepare_data
 from devices import pick_device
-from ensemble import HOW, write_ensemble
-from evaluation import evaluate_run, evaluate_split, needs_val, predict_dataset, predict_images
+from ensemble import HOW, Member, write_ensemble
+from evaluation import (LoadedRun, OtherData, evaluate_run, evaluate_split, needs_val, predict_dataset,
+                        predict_images)
 from inference import load_run
 from metadata import find_layout, load_metadata
 from reports import BOOTSTRAP, summary_line
@@ -40,14 +45,19 @@ def build_parser() -> Parser:
     p.add_argument("--run", required=True, nargs="+", metavar="RUN",
                    help="run folder written by driver.py; several make an ensemble (e.g. a cross-validation's folds)")
     p.add_argument("--ensemble", choices=HOW, default="mean",
-                   help="how an ensemble combines its runs: mean probability or mean rank (default mean)")
+                   help="how an ensemble combines its runs: mean probability, or rank: the mean place of each run's "
+                        "probability among its own validation probabilities (a score in [0, 1]) (default mean)")
     p.add_argument("--split", choices=["val", "test"], default="test", help="which split of the run to evaluate")
     add_settings(p, ["data_dir", "csv", "image_dir", "extra_csv", "device", "workers", "skip_bad_images", "neighbours"],
                  help=ELSEWHERE)
     p.add_argument("--images", help="a folder of unlabelled images: scores, neighbours.csv and similar.png")
     p.add_argument("--out", help="where --data-dir/--images results go (default: RUN/predict-<folder name>)")
     p.add_argument("--tta", action="store_true",
-                   help="also score with test-time augmentation (8 flips/rotations averaged)")
+                   help="also score with test-time augmentation (8 flips/rotations averaged); an ensemble then "
+                        "combines the TTA view")
+    p.add_argument("--include-seen", action="store_true",
+                   help="with --data-dir/--csv: count images the run trained or validated on (by id, from its "
+                        "splits.csv) in the metrics; by default they are scored into seen_in_training.csv and left out")
     p.add_argument("--bootstrap", type=COUNT, default=BOOTSTRAP,
                    help=f"bootstrap resamples for the 95%% confidence intervals (default {BOOTSTRAP})")
     p.set_defaults(device="auto")
@@ -58,19 +68,30 @@ def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if len(args.run) == 1:
         run_dir = Path(args.run[0])
-        score_run(run_dir, args, default_out(args, run_dir))
+        score_run(load(run_dir, args), args, default_out(args, run_dir))
         return
     if not args.out:
         raise UserError("several --run folders make an ensemble: say where it goes with --out")
-    run_dirs = [Path(r) for r in args.run]
-    if not (args.images or args.data_dir or args.csv):
+    out, run_dirs = Path(args.out), [Path(r) for r in args.run]
+    require_outside(out, run_dirs)
+    if not other_data(args):
         require_same_split(run_dirs, args.split)
-    members = [score_run(r, args, Path(args.out) / "members" / f"{i}-{r.name}") for i, r in enumerate(run_dirs, 1)]
-    first = load_run(run_dirs[0], pick_device("cpu"))[0]
-    m = write_ensemble(members, run_dirs, args.out, args.ensemble, first, patient_ids(args, run_dirs[0]),
-                       float(np.mean([train_prevalence(r / "splits.csv") for r in run_dirs])), args.bootstrap)
-    print(f"ensemble of {len(run_dirs)} runs ({args.ensemble}) → {Path(args.out) / 'predictions.csv'}"
-          if m is None else f"ensemble of {len(run_dirs)} runs ({args.ensemble}): {summary_line(m, args.out)}")
+    members, first = [], None
+    for i, run_dir in enumerate(run_dirs, 1):  # each member writes only under OUT/members/<k>-<run>/
+        member = load(run_dir, args, home=out / "members" / f"{i}-{run_dir.resolve().name}")
+        members.append(Member(run_dir, score_run(member, args, member.home if other_data(args) else None),
+                              member.val_dir))
+        first = first or member.s
+    prevalence = float(np.mean([train_prevalence(r / "splits.csv") for r in run_dirs]))
+    m = write_ensemble(members, out, args.ensemble, first, "tta" if args.tta else "plain",
+                       patient_ids(args, run_dirs[0]), prevalence, args.bootstrap)
+    print(f"ensemble of {len(run_dirs)} runs ({args.ensemble}) → {out / 'predictions.csv'}"
+          if m is None else f"ensemble of {len(run_dirs)} runs ({args.ensemble}): {summary_line(m, out)}")
+    print(f"report: {write_report(out, run=out, command=True)}")
+
+
+def other_data(args) -> bool:
+    return bool(args.images or args.data_dir or args.csv)
 
 
 def default_out(args, run_dir: Path) -> Path | None:
@@ -79,8 +100,8 @@ def default_out(args, run_dir: Path) -> Path | None:
     return None if not source else Path(args.out) if args.out else run_dir / f"predict-{Path(source).stem}"
 
 
-def score_run(run_dir: Path, args, out_dir: Path | None) -> Path:
-    """Score with one run; returns the folder that holds its predictions.csv."""
+def load(run_dir: Path, args, home: Path | None = None) -> LoadedRun:
+    """The run with predict.py's overrides; `home`: where its evaluations go instead of the run folder."""
     device = pick_device(args.device)
     s, model = load_run(run_dir, device)
     s.skip_bad_images = args.skip_bad_images
@@ -89,27 +110,41 @@ def score_run(run_dir: Path, args, out_dir: Path | None) -> Path:
     if args.neighbours is not None:
         s.neighbours = args.neighbours
     tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
-    if args.images or args.data_dir or args.csv:
-        if needs_val(run_dir, tta):  # the threshold and k come from val: choose them first, as for the test split
-            evaluate_split(run_dir, "val", s, model, run_data(s, run_dir), device, tta, args.bootstrap)
+    return LoadedRun(run_dir, s, model, device, tta, args.bootstrap, home)
+
+
+def score_run(run: LoadedRun, args, out_dir: Path | None) -> Path:
+    """Score with one run; returns the folder that holds its predictions.csv."""
+    if other_data(args):
+        if needs_val(run):  # the threshold and k come from val: choose them first, as for the test split
+            evaluate_split(run, "val", run_data(run))
         if args.images:
-            result = predict_images(args.images, out_dir, run_dir, s, model, device, tta, args.extra_csv)
+            result = predict_images(args.images, out_dir, run, args.extra_csv)
             print(f"{len(result)} predictions (val's threshold) → {out_dir / 'predictions.csv'}; nearest training "
                   f"lesions → {out_dir / 'neighbours.csv'}, {out_dir / 'similar.png'}")
         else:
-            m = predict_dataset(args.data_dir, args.csv, args.image_dir, out_dir, run_dir, s, model, device, tta,
-                                args.bootstrap, args.extra_csv)
-            print(summary_line(m, out_dir))
-        print(f"report: {write_report(out_dir, run=run_dir, command=True)}")
+            source = OtherData(args.data_dir, args.csv, args.image_dir, args.extra_csv, args.include_seen)
+            print(summary_line(predict_dataset(source, out_dir, run), out_dir))
+        print(f"report: {write_report(out_dir, run=run.run_dir, command=True)}")
         return out_dir
-    data = run_data(s, run_dir)
-    if args.split == "test" and needs_val(run_dir, tta):
-        metrics = evaluate_run(run_dir, s, model, data, device, tta, args.bootstrap)
+    data = run_data(run)
+    if args.split == "test" and needs_val(run):
+        metrics = evaluate_run(run, data)
     else:
-        metrics = evaluate_split(run_dir, args.split, s, model, data, device, tta, args.bootstrap)
-    print(summary_line(metrics, run_dir / args.split))
-    print(f"report: {write_report(run_dir, command=True)}")  # the page shows the new numbers
-    return run_dir / args.split
+        metrics = evaluate_split(run, args.split, data)
+    folder = run.out / args.split
+    print(summary_line(metrics, folder))
+    # the page shows the new numbers: the run's own, or an ensemble member's beside its results
+    page = write_report(folder, run=run.run_dir, command=True) if run.home else write_report(run.run_dir, command=True)
+    print(f"report: {page}")
+    return folder
+
+
+def require_outside(out: Path, run_dirs) -> None:
+    """An ensemble leaves its members' run folders as they are: it may not write into one."""
+    for run_dir in run_dirs:
+        if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+            raise UserError(f"--out {out} is inside the run folder {run_dir}: an ensemble writes beside its members")
 
 
 def require_same_split(run_dirs, split: str) -> None:
@@ -136,9 +171,9 @@ def patient_ids(args, run_dir: Path) -> dict | None:
     return dict(zip(frame["isic_id"], frame["patient_id"]))
 
 
-def run_data(s, run_dir: Path):
+def run_data(run: LoadedRun):
     """The run's own data, split as it was, with its patient metadata encoded as in training."""
-    return with_metadata(prepare_data(s, splits_path=run_dir / "splits.csv"), s, run_dir)
+    return with_metadata(prepare_data(run.s, splits_path=Path(run.run_dir) / "splits.csv"), run.s, run.run_dir)
 
 
 def main(argv=None) -> int:

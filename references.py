@@ -96,13 +96,16 @@ def save_references(path, refs: References) -> None:
                            "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
 
 
-def train_references(run_dir, model, s, device, tta: bool, data=None) -> References:
+def train_references(run_dir, model, s, device, tta: bool, data=None, store=None) -> References:
     """The training split's embeddings (plain, and TTA when asked), from RUN/train_embeddings.pt when it holds them
-    for these weights in this device's precision, else computed (the run's data is read only then) and stored."""
-    path = Path(run_dir) / STORE
+    for these weights in this device's precision, else computed (the run's data is read only then) and stored there,
+    or in `store` (a folder that leaves the run untouched, e.g. an ensemble's member folder)."""
     fingerprint, precision = weights_fingerprint(model), precision_name(device)
-    refs = load_references(path, fingerprint, precision)
     wanted = views(model, tta)
+    refs = load_references(Path(run_dir) / STORE, fingerprint, precision)
+    path = Path(store or run_dir) / STORE
+    if store is not None and (refs is None or not set(wanted) <= set(refs.embeddings)):
+        refs = load_references(path, fingerprint, precision) or refs
     if data is not None and refs is not None:
         train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
         if len(train_ids) != len(refs.ids) or (train_ids != refs.ids).any():

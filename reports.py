@@ -27,6 +27,7 @@ class Scoring:
     embedding_scores: dict = field(default_factory=dict)  # "knn", "prototype" → one score per image
     k: int | None = None
     retrieval: dict = field(default_factory=dict)  # retrieval.retrieval_metrics against the training split
+    is_probability: bool = True  # False for a score that only ranks (a rank ensemble's): no calibration then
 
 
 def prior_probability(pred: Predictions, prevalence: float) -> np.ndarray:
@@ -47,6 +48,7 @@ def labelled_metrics(sc: Scoring, groups, prevalence: float, s, resamples: int) 
         m["retrieval"] = sc.retrieval
     if len(np.unique(y)) == 2:
         m["average_precision"] = float(average_precision_score(y, p))
+    if len(np.unique(y)) == 2 and sc.is_probability:
         m["calibration"] = calibration_metrics(y, p, prior_probability(sc.pred, prevalence), prevalence)
     return m
 
@@ -67,8 +69,9 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
     columns = {"isic_id": ids, "target": y}
     for view, sc in scorings.items():
         suffix = "_tta" if view == "tta" else ""
-        columns[f"probability{suffix}"] = sc.pred.probabilities
-        columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
+        columns[f"{'probability' if sc.is_probability else 'rank_score'}{suffix}"] = sc.pred.probabilities
+        if sc.is_probability:
+            columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
         columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
         if view == "tta":
             metrics["tta"] = {**labelled_metrics(sc, groups, prevalence, s, resamples),
@@ -78,6 +81,7 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
     if len(np.unique(y)) == 2:
         plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png")
         plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png")
+    if len(np.unique(y)) == 2 and plain.is_probability:
         plots.calibration_plot(y, {"raw (50% training prior)": p,
                                    f"prior-corrected ({100 * prevalence:.1f}%)": prior_probability(plain.pred, prevalence)},
                                out_dir / "calibration.png")

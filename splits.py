@@ -159,3 +159,18 @@ def train_prevalence(splits_csv) -> float:
     """The malignant rate of a saved split's training part: the prior that prior-corrected probabilities assume."""
     splits = read_splits(splits_csv)
     return float(splits.loc[splits["split"] == "train", "target"].mean())
+
+
+SEEN = ("train", "val")  # a run learnt from its training split and chose its epoch, threshold and k on val
+
+
+def split_of(splits_csv, ids) -> np.ndarray:
+    """The split of a run's splits.csv that holds each id ("train", "val", "test"); "" for ids it does not list."""
+    splits = read_splits(splits_csv)
+    return pd.Series(ids, dtype=object).map(dict(zip(splits["isic_id"], splits["split"]))).fillna("").to_numpy(object)
+
+
+def seen_note(held: np.ndarray, what: str) -> str:
+    """One line: how many of the scored images the run trained or validated on, by split."""
+    counts = ", ".join(f"{int((held == name).sum())} {name}" for name in SEEN if (held == name).any())
+    return f"{int(np.isin(held, SEEN).sum())} of {len(held)} {what} are in the run's own splits.csv ({counts})"

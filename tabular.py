@@ -83,8 +83,8 @@ class MetadataEncoder:
         """(N, width) float32; new data with missing values, unseen categories or no such column at all (e.g. a
         folder of images without a CSV) is encoded as missing/unknown, never refused."""
         parts = []
-        for name, column in self.columns.items():
-            values = frame[column] if column in frame.columns else pd.Series([None] * len(frame), dtype="object")
+        for name in self.columns:
+            values = self.column_of(frame, name)
             if name == "age":
                 ages = pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
                 missing = np.isnan(ages)
@@ -95,6 +95,18 @@ class MetadataEncoder:
                 one_hot = OneHotEncoder(categories=[known], sparse_output=False).fit(np.array(known)[:, None])
                 parts.append(one_hot.transform(values.to_numpy()[:, None]))
         return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def column_of(self, frame: pd.DataFrame, name: str) -> pd.Series:
+        """The field's values under the name training found, else under any other name it goes by (SOURCES: the
+        ISIC archive's `age`/`anatom_site_general` for a run trained on the ISIC 2020 names), else all missing."""
+        found = next((c for c in (self.columns[name], *SOURCES[name]) if c in frame.columns), None)
+        return frame[found] if found else pd.Series([None] * len(frame), dtype="object", index=frame.index)
+
+    def unknown_share(self, features: np.ndarray) -> float:
+        """The share of the fields, over all images, that `features` codes as missing (age) or unknown (sex, site)."""
+        names = self.feature_names()
+        flags = [names.index("age_missing" if name == "age" else f"{name}={UNKNOWN}") for name in self.columns]
+        return float(features[:, flags].mean()) if len(features) else 0.0
 
     def save(self, run_dir) -> None:
         write_json(Path(run_dir) / ENCODER_FILE, asdict(self))
@@ -129,6 +141,18 @@ def metadata_width(run_dir, s) -> int:
     return MetadataEncoder.load(run_dir).width if s.metadata else 0
 
 
+MOSTLY_UNKNOWN = 0.5  # above this share of unknown patient facts, scoring says so
+
+
 def run_features(run_dir, s, frame: pd.DataFrame) -> np.ndarray | None:
-    """The encoded metadata of `frame` the way the run at `run_dir` was trained, or None for a run without it."""
-    return MetadataEncoder.load(run_dir).transform(frame) if s.metadata else None
+    """The encoded metadata of `frame` the way the run at `run_dir` was trained, or None for a run without it.
+    Says so in one line when most of the facts are missing or unknown: the head then sees mostly 'unknown'."""
+    if not s.metadata:
+        return None
+    encoder = MetadataEncoder.load(run_dir)
+    features = encoder.transform(frame)
+    share = encoder.unknown_share(features)
+    if share > MOSTLY_UNKNOWN:
+        print(f"note: {100 * share:.0f}% of the patient facts ({', '.join(encoder.columns)}) of these {len(frame)} "
+              "images are missing or unknown to the run, which was trained with them; give them with --extra-csv")
+    return features

@@ -263,9 +263,10 @@ class Page:
     def predictions(self) -> str:
         """Unlabelled images (predict.py --images): the predictions.csv, most probable melanomas first."""
         rows = read_csv(self.folder / "predictions.csv")
-        if not rows or "probability" not in rows[0]:
+        column = next((c for c in ("probability", "rank_score") if rows and c in rows[0]), None)  # rank: an ensemble's
+        if column is None:
             return ""
-        rows.sort(key=lambda r: -float(r["probability"]))
+        rows.sort(key=lambda r: -float(r[column]))
         flagged = sum(r.get("predicted_malignant") == "1" for r in rows)
         return csv_table(rows, f"{len(rows)} unlabelled images, {flagged} above the run's threshold (predictions.csv, "
                                f"the most probable first)")

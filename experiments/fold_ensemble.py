@@ -17,7 +17,7 @@ import pandas as pd
 
 import pipeline
 from config import COUNT, Parser, parse_cli, settings_from_cli
-from ensemble import HOW, write_ensemble
+from ensemble import HOW, Member, write_ensemble
 from experiments.variants import finished_run, train_and_test
 from splits import read_splits, rotating_val_splits, train_prevalence, write_splits
 from utils import cli_main, write_text
@@ -44,7 +44,8 @@ def fold_ensemble(given: dict, folds: int, out: Path, resume: bool) -> pd.DataFr
     groups = dict(zip(frame["isic_id"], frame["patient_id"]))
     prevalence = float(np.mean([train_prevalence(r / "splits.csv") for r in runs]))
     for how in HOW:
-        m = write_ensemble([r / "test" for r in runs], runs, out / f"ensemble-{how}", how, s, groups, prevalence)
+        members = [Member(r, r / "test", r / "val") for r in runs]
+        m = write_ensemble(members, out / f"ensemble-{how}", how, s, "plain", groups, prevalence)
         rows.append({"model": f"ensemble ({how})", "auroc": m["auroc"], "pauc": m["pauc"]})
     return pd.DataFrame(rows)
 

@@ -64,3 +64,12 @@ def test_add_settings_to_another_parser():
     suppressed = argparse.ArgumentParser()
     add_settings(suppressed, ["workers"], default=argparse.SUPPRESS)
     assert vars(suppressed.parse_args([])) == {}
+
+
+def test_every_path_setting_is_stored_absolute(tmp_path, monkeypatch):
+    """predict.py --run R reads the run's paths from config.json, from whatever folder it is started in."""
+    import pipeline
+    monkeypatch.chdir(tmp_path)
+    paths = ("data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir")
+    s = pipeline.new_settings({**{name: f"rel/{name}" for name in paths}, "out": "run"})
+    assert {name: getattr(s, name) for name in paths} == {name: str(tmp_path / "rel" / name) for name in paths}

@@ -1,4 +1,5 @@
 """ensemble.py and predict.py with several runs: probabilities combined by mean or rank, reported like one run."""
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 import predict
 from conftest import ROOT, tiny
 from demo import make_dataset
-from ensemble import combine
+from config import Settings
+from ensemble import Member, combine, write_ensemble
+from utils import write_csv, write_json
 
 
 def test_mean_and_rank_on_hand_computed_scores():
@@ -19,9 +22,71 @@ def test_mean_and_rank_on_hand_computed_scores():
     mean, threshold = combine(p, np.array([0.5, 0.5]), "mean")
     np.testing.assert_allclose(mean, [0.2, 0.3, 0.85, 0.65])
     assert threshold == 0.5
-    ranks, threshold = combine(p, np.array([0.5, 0.5]), "rank")
-    np.testing.assert_allclose(ranks, [(1 + 2) / 8, (2 + 1) / 8, (4 + 4) / 8, (3 + 3) / 8])
-    assert ((ranks >= threshold).sum()) == 2  # each member calls 2 of 4 images malignant at its own threshold
+    references = [np.array([0.2, 0.4, 0.6, 0.8]), np.array([0.1, 0.3, 0.5, 0.7])]  # percentiles 1/8, 3/8, 5/8, 7/8
+    placed, threshold = combine(p, np.array([0.4, 0.5]), "rank", references)
+    first = [0.0, 3 / 8, 1.0, 5 / 8]  # 0.1 is below all, 0.9 above all
+    second = [3 / 8, 2 / 8, 1.0, 7 / 8]  # 0.2 is halfway between 0.1's 1/8 and 0.3's 3/8
+    np.testing.assert_allclose(placed, (np.array(first) + second) / 2)
+    assert threshold == pytest.approx((3 / 8 + 5 / 8) / 2)
+
+
+def test_a_rank_score_does_not_depend_on_the_other_images_scored():
+    rng = np.random.default_rng(0)
+    references = [rng.random(50), rng.random(30) ** 2]
+    scores = rng.random((2, 6))
+    together, threshold = combine(scores, np.array([0.5, 0.3]), "rank", references)
+    alone = [combine(scores[:, [i]], np.array([0.5, 0.3]), "rank", references) for i in range(6)]
+    np.testing.assert_allclose(together, [score[0] for score, _ in alone])
+    assert {t for _, t in alone} == {threshold}
+    assert 0 < together.min() and together.max() < 1  # the lone image is not simply ranked first
+
+
+def member(folder, scores, val, thresholds=(0.5, 0.3), target=None, seen=None) -> Member:
+    """A member as predict.py leaves it: its scores (plain and TTA: the TTA ones are shifted by 0.1) and its val
+    evaluation (threshold, and TTA threshold; val probabilities)."""
+    ids = [f"ISIC_{i}" for i in range(len(scores))]
+    rows = pd.DataFrame({"isic_id": ids, "probability": scores, "probability_tta": np.array(scores) + 0.1})
+    if target is not None:
+        rows.insert(1, "target", target)
+    (folder / "val").mkdir(parents=True)
+    write_csv(folder / "predictions.csv", rows if seen is None else rows[[not s for s in seen]])
+    if seen is not None:
+        write_csv(folder / "seen_in_training.csv", rows[list(seen)].assign(run_split="train"))
+    write_json(folder / "val" / "metrics.json", {"threshold": thresholds[0], "tta": {"threshold": thresholds[1]}})
+    write_csv(folder / "val" / "predictions.csv", pd.DataFrame({"probability": val, "probability_tta": val}))
+    return Member(folder, folder, folder / "val")
+
+
+def test_the_tta_view_combines_tta_scores_and_tta_thresholds(tmp_path):
+    target = [0, 1, 0, 1, 0, 1]
+    a = member(tmp_path / "a", [0.1, 0.7, 0.3, 0.8, 0.2, 0.6], [0.2, 0.5], target=target)
+    b = member(tmp_path / "b", [0.2, 0.5, 0.1, 0.9, 0.4, 0.7], [0.2, 0.5], (0.4, 0.2), target=target)
+    m = write_ensemble([a, b], tmp_path / "e", "mean", Settings(), "tta", resamples=20)
+    written = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    np.testing.assert_allclose(written["probability"], [0.25, 0.7, 0.3, 0.95, 0.4, 0.75])
+    assert m["threshold"] == pytest.approx(0.25) and m["ensemble"]["view"] == "tta"
+    assert {"probability_tta_a", "probability_tta_b"} <= set(written.columns)
+
+
+def test_a_rank_ensemble_reports_no_probability_metric(tmp_path):
+    target = [0, 1, 0, 1, 0, 1]
+    members = [member(tmp_path / k, [0.1, 0.7, 0.3, 0.8, 0.2, 0.6], [0.2, 0.4, 0.6], target=target) for k in "ab"]
+    m = write_ensemble(members, tmp_path / "e", "rank", Settings(), resamples=20)
+    written = pd.read_csv(tmp_path / "e" / "predictions.csv")
+    assert "calibration" not in m and not (tmp_path / "e" / "calibration.png").exists()
+    assert "rank_score" in written and not written.columns.str.startswith("probability_prior").any()
+    assert m["auroc"] == 1.0 and m["ensemble"]["score"] == "rank_score"
+
+
+def test_images_a_member_trained_on_are_listed_but_not_counted(tmp_path):
+    target, scores = [0, 1, 0, 1, 0, 1], [0.1, 0.7, 0.3, 0.8, 0.9, 0.6]  # image 4, benign at 0.9, seen by a
+    a = member(tmp_path / "a", scores, [0.2, 0.5], target=target, seen=[False] * 4 + [True, False])
+    b = member(tmp_path / "b", scores, [0.2, 0.5], target=target)
+    m = write_ensemble([a, b], tmp_path / "e", "mean", Settings(), resamples=20)
+    seen = pd.read_csv(tmp_path / "e" / "seen_in_training.csv")
+    assert seen["isic_id"].tolist() == ["ISIC_4"] and seen["seen_by"].tolist() == ["1:train"]
+    assert m["n"] == 5 and m["auroc"] == 1.0 and m["ensemble"]["left_out_seen_in_training"] == 1
+    assert [r["auroc"] for r in m["ensemble"]["members"]] == [1.0, 1.0]
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +160,50 @@ def test_fold_ensemble_members_share_one_unseen_test_split(tmp_path):
     table = (out / "fold_ensemble.md").read_text()
     assert "| member 2 |" in table and "| ensemble (mean) |" in table and "| ensemble (rank) |" in table
     assert json.loads((out / "ensemble-mean" / "metrics.json").read_text())["n"] == len(test[0])
+
+
+def files_of(folder) -> dict:
+    """Every file under `folder` and its bytes' SHA-256."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_an_ensemble_leaves_its_members_untouched_and_combines_the_tta_view(two_runs, tmp_path):
+    data, runs, _ = two_runs
+    before = [files_of(r) for r in runs]
+    out = tmp_path / "e"  # the members' val lacks TTA: it is re-evaluated, and TTA training embeddings made
+    assert predict.main(["--run", *map(str, runs), "--tta", "--out", str(out), "--workers", "0"]) == 0
+    assert predict.main(["--run", *map(str, runs), "--images", str(data / "train-image" / "image"),
+                         "--out", str(tmp_path / "images"), "--workers", "0"]) == 0
+    assert [files_of(r) for r in runs] == before
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["ensemble"]["view"] == "tta" and m["threshold"] == pytest.approx(np.mean(
+        [json.loads((out / "members" / f"{i}-{r.name}" / "val" / "metrics.json").read_text())["tta"]["threshold"]
+         for i, r in enumerate(runs, 1)]))
+    members = [pd.read_csv(out / "members" / f"{i}-{r.name}" / "test" / "predictions.csv").set_index("isic_id")
+               for i, r in enumerate(runs, 1)]
+    ensemble = pd.read_csv(out / "predictions.csv").set_index("isic_id")
+    expected = (members[0]["probability_tta"] + members[1]["probability_tta"]) / 2
+    np.testing.assert_allclose(ensemble["probability"], expected.loc[ensemble.index], rtol=1e-12)
+    assert (out / "report.html").is_file() and (out / "commands.txt").is_file()
+
+
+@pytest.mark.slow
+def test_images_of_another_dataset_that_the_run_learnt_from_are_not_counted(two_runs, tmp_path, capsys):
+    data, (run, _), _ = two_runs
+    assert predict.main(["--run", str(run), "--data-dir", str(data), "--out", str(tmp_path / "o"),
+                         "--workers", "0"]) == 0  # the run's own data: only its test split is new to it
+    splits = pd.read_csv(run / "splits.csv")
+    learnt = splits[splits["split"].isin(["train", "val"])]
+    assert "in the run's own splits.csv" in capsys.readouterr().out
+    seen = pd.read_csv(tmp_path / "o" / "seen_in_training.csv")
+    assert sorted(seen["isic_id"]) == sorted(learnt["isic_id"]) and set(seen["run_split"]) == {"train", "val"}
+    m = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    n_test = int((splits["split"] == "test").sum())
+    assert m["n"] == n_test and m["left_out_seen_in_training"] == len(learnt)
+    assert sum(c["queries"] for c in m["retrieval"]["per_class"].values()) == n_test
+    assert len(pd.read_csv(tmp_path / "o" / "neighbours.csv")["query_id"].unique()) == n_test
+    assert predict.main(["--run", str(run), "--data-dir", str(data), "--out", str(tmp_path / "all"),
+                         "--workers", "0", "--include-seen"]) == 0
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["n"] == len(splits)

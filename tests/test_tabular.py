@@ -48,6 +48,25 @@ def test_the_archive_column_names_work_too():
     assert MetadataEncoder.fit(archive, ["site"]).columns == {"site": "anatom_site_general"}
 
 
+def test_new_data_under_the_other_column_names_is_read_not_taken_as_missing():
+    encoder = MetadataEncoder.fit(TRAIN, ["age", "sex", "site"])  # the ISIC 2020 names: age_approx, ..._challenge
+    archive = TRAIN.rename(columns={"age_approx": "age", "anatom_site_general_challenge": "anatom_site_general"})
+    np.testing.assert_array_equal(encoder.transform(archive), encoder.transform(TRAIN))
+
+
+def test_scoring_images_without_their_metadata_says_how_much_is_unknown(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from tabular import run_features
+    MetadataEncoder.fit(TRAIN, ["age", "sex", "site"]).save(tmp_path)
+    s = SimpleNamespace(metadata="age,sex,site")
+    run_features(tmp_path, s, TRAIN)  # 2 of 12 facts unknown: nothing to say
+    assert capsys.readouterr().out == ""
+    run_features(tmp_path, s, pd.DataFrame({"isic_id": ["a", "b"], "sex": ["male", None]}))
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and "83% of the patient facts (age, sex, site) of these 2 images" in out
+
+
 @pytest.mark.parametrize("text, message", [("age,height", "unknown field"), ("site", "needs a column")])
 def test_bad_fields_and_missing_columns_are_one_clear_error(text, message):
     with pytest.raises(UserError, match=message):
