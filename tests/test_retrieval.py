@@ -1,6 +1,7 @@
 """Similar-lesion retrieval on known answers: exact nearest neighbours, PML retrieval metrics, the stored training
 embeddings (computed once, invalidated by other weights), and predict.py --images writing neighbours.csv/similar.png."""
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -65,7 +66,8 @@ def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(mon
     monkeypatch.setattr(evaluation, "score", lambda *args: pred)
     refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
                       {"plain": train}, "sha", "float32")
-    scored = evaluation.score_views(None, None, refs, Settings(), torch.device("mps"), tta=False, val=None)
+    run = evaluation.LoadedRun(Path("run"), Settings(), None, torch.device("mps"))
+    scored = evaluation.score_views(run, None, refs, val=None)
     assert scored["plain"].retrieval["mean_of_classes"]["precision_at_1"] == 1.0
 
 
