@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+import timings
 from dataset import ImageDataset, load_images
 from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
@@ -32,16 +33,20 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
     else:
         threshold = chosen["threshold"]
     train, query = embedding_space(refs.embeddings[view], s), embedding_space(pred.embeddings, s)
-    if chosen is None:
-        by_k = knn_scores(train, refs.targets, query, K_GRID)
-        metric = auroc if s.select_metric == "auroc" else partial_auc
-        k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
-    else:
-        k = chosen["scorers"]["knn"]["k"]
-        by_k = knn_scores(train, refs.targets, query, [k])
-    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets, device) if labelled else {}
-    return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}, k,
-                   retrieval)
+    with timings.phase("evaluation.knn", note=f"{len(query)} queries, {len(train)} references"):
+        if chosen is None:
+            by_k = knn_scores(train, refs.targets, query, K_GRID)
+            metric = auroc if s.select_metric == "auroc" else partial_auc
+            k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
+        else:
+            k = chosen["scorers"]["knn"]["k"]
+            by_k = knn_scores(train, refs.targets, query, [k])
+        embedding_scores = {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}
+    retrieval = {}
+    if labelled:
+        with timings.phase("evaluation.retrieval"):
+            retrieval = retrieval_metrics(train, refs.targets, query, pred.targets, device)
+    return Scoring(pred, threshold, embedding_scores, k, retrieval)
 
 
 def chosen_on_val(val: dict, view: str) -> dict:
@@ -80,9 +85,13 @@ def read_val_metrics(run_dir) -> dict:
 def score_views(model, dataset, refs: References, s, device, tta: bool, val: dict | None,
                  labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
-    return {view: scoring(score(scorer, dataset, s, device), refs, view, s,
-                          None if val is None else chosen_on_val(val, view), labelled, device)
-            for view, scorer in views(model, tta).items()}
+    scorings = {}
+    for view, scorer in views(model, tta).items():
+        with timings.phase("evaluation.score" + ("_tta" if view == "tta" else ""), note=f"{len(dataset)} images"):
+            pred = score(scorer, dataset, s, device)
+        scorings[view] = scoring(pred, refs, view, s, None if val is None else chosen_on_val(val, view), labelled,
+                                 device)
+    return scorings
 
 
 def write_labelled_set(out_dir, scorings: dict, refs: References, model, dataset, ids, s, device, extra: dict,
@@ -91,9 +100,11 @@ def write_labelled_set(out_dir, scorings: dict, refs: References, model, dataset
     out_dir, plain = Path(out_dir), scorings["plain"]
     y, p = plain.pred.targets, plain.pred.probabilities
     cases = gallery_cases(y, p, plain.threshold)
-    write_gallery(model, dataset, ids, plain.pred, plain.threshold, out_dir / "gallery.png", device, cases)
+    with timings.phase("evaluation.gallery", note="Grad-CAM"):
+        write_gallery(model, dataset, ids, plain.pred, plain.threshold, out_dir / "gallery.png", device, cases)
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, p)]
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions, y)
+    with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
+        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions, y)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, ids, out_dir, s, extra, groups, prevalence, resamples)
 
@@ -106,11 +117,12 @@ def evaluate_split(run_dir, split: str, s, model, data, device, tta: bool = Fals
     refs = references or train_references(run_dir, model, s, device, tta, data)
     val = None if split == "val" else read_val_metrics(run_dir)
     dataset = data.dataset(split, s.img_size)
-    scorings = score_views(model, dataset, refs, s, device, tta, val)
     part = data.frame[data.frame["split"] == split]
     extra = {"split": split, "threshold_chosen_on": "val (Youden's J)"}
-    return write_labelled_set(run_dir / split, scorings, refs, model, dataset, part["isic_id"].to_numpy(), s, device,
-                              extra, part["patient_id"].to_numpy(), resamples)
+    with timings.part(split):
+        scorings = score_views(model, dataset, refs, s, device, tta, val)
+        return write_labelled_set(run_dir / split, scorings, refs, model, dataset, part["isic_id"].to_numpy(), s,
+                                  device, extra, part["patient_id"].to_numpy(), resamples)
 
 
 def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: int = BOOTSTRAP) -> dict:
@@ -152,7 +164,8 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     plain = scorings["plain"]
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
+    with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
+        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
     result = pd.DataFrame(columns)
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result

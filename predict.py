@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+import timings
 from config import COUNT, Parser, add_settings
 from dataset import prepare_data
 from devices import pick_device
@@ -80,7 +81,15 @@ def default_out(args, run_dir: Path) -> Path | None:
 
 
 def score_run(run_dir: Path, args, out_dir: Path | None) -> Path:
-    """Score with one run; returns the folder that holds its predictions.csv."""
+    """Score with one run; returns the folder that holds its predictions.csv (and timings.json)."""
+    where = out_dir or run_dir / args.split
+    with timings.recording(where / "timings.json"):
+        folder = score_with(run_dir, args, out_dir)
+        print(f"time: {timings.current_summary()} (phases in {where / 'timings.json'})")
+    return folder
+
+
+def score_with(run_dir: Path, args, out_dir: Path | None) -> Path:
     device = pick_device(args.device)
     s, model = load_run(run_dir, device)
     s.skip_bad_images = args.skip_bad_images
