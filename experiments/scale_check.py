@@ -30,7 +30,7 @@ from pipeline import run
 
 DATA = Path("data/scale-check")
 IMAGES, PATIENTS, MALIGNANT = 33_126, 2_056, 0.018
-# (share of the images, sizes, distinct generated images per class): the rest are 256 x 256
+# (share of the images, their sizes, distinct generated lesions per class)
 SIZES = ((0.10, [(6000, 4000)], 4), (0.15, [(1024, 768), (1600, 1200), (1872, 1404)], 12), (0.75, [(256, 256)], 400))
 
 
@@ -51,7 +51,7 @@ def distinct_image(rng, malignant: bool, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(pixels + grain, 0, 255).astype(np.uint8))
 
 
-def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: int = 0) -> Path:
+def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: int = 0, sizes=SIZES) -> Path:
     """root/train-metadata.csv (written last: its presence means the set is complete) and train-image/image/."""
     root = Path(root)
     if (root / "train-metadata.csv").is_file():
@@ -64,15 +64,15 @@ def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: i
     patient_ids = np.repeat([f"IP_{p:07d}" for p in range(len(counts))], counts)
     targets = np.zeros(images, int)
     targets[rng.choice(images, round(MALIGNANT * images), replace=False)] = 1
-    size_class = rng.choice(len(SIZES), images, p=[share for share, _, _ in SIZES])
+    size_class = rng.choice(len(sizes), images, p=[share for share, _, _ in sizes])
     print(f"generating {images} images of {patients} patients in {root} (distinct lesions hard-linked) ...", flush=True)
     pools = {}
-    for k, (_, sizes, distinct) in enumerate(SIZES):
+    for k, (_, shapes, distinct) in enumerate(sizes):
         for target in (0, 1):
             pools[k, target] = []
             for j in range(distinct):
                 path = pool_dir / f"size{k}-{'malignant' if target else 'benign'}-{j}.jpg"
-                distinct_image(rng, bool(target), sizes[j % len(sizes)]).save(path, quality=90)
+                distinct_image(rng, bool(target), shapes[j % len(shapes)]).save(path, quality=90)
                 pools[k, target].append(path)
     ids = [f"ISIC_{1_000_000 + i:07d}" for i in range(images)]
     for i, isic_id in enumerate(ids):
