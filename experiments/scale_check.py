@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import timings
 from demo import lesion
 from image_cache import _decode_full, decode
 from pipeline import run
+from utils import cli_main
 
 DATA = Path("data/scale-check")
 IMAGES, PATIENTS, MALIGNANT = 33_126, 2_056, 0.018
@@ -148,4 +150,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli_main(main))
