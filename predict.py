@@ -83,7 +83,7 @@ def default_out(args, run_dir: Path) -> Path | None:
 def score_run(run_dir: Path, args, out_dir: Path | None) -> Path:
     """Score with one run; returns the folder that holds its predictions.csv (and timings.json)."""
     where = out_dir or run_dir / args.split
-    if out_dir is None and run_dir.is_dir():
+    if out_dir is None and (run_dir / "config.json").is_file():
         where.mkdir(exist_ok=True)  # the run's own split: timings.json is kept there as each phase ends
     with timings.recording(where / "timings.json"):
         folder = score_with(run_dir, args, out_dir)
