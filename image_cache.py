@@ -151,13 +151,9 @@ def cached_images(paths, size: int, cache_dir, workers: int):
     rebuilt, never read as images. Returns (array, {index: error}) — unreadable images stay zero in the array and are
     listed in the errors.
     """
-    key = hashlib.sha1(str(size).encode())
-    for p in paths:
-        st = os.stat(p)
-        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{key.hexdigest()[:16]}"
-    array_path, index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
     with timings.phase("data.cache", note=f"reused: {len(paths)} images") as timed:
+        stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{_cache_key(paths, size)}"
+        array_path, index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
         problem = _cache_problem(array_path, index_path, len(paths), size)
         if problem:
             if problem != "absent":
@@ -170,6 +166,14 @@ def cached_images(paths, size: int, cache_dir, workers: int):
                     timed.note = f"built: {len(paths)} images, {rate:.0f} images/s, {max(workers, 1)} process(es)"
     errors = {int(k): v for k, v in json.loads(index_path.read_text())["errors"].items()}
     return np.load(array_path, mmap_mode="r"), errors
+
+
+def _cache_key(paths, size: int) -> str:
+    key = hashlib.sha1(str(size).encode())
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()[:16]
 
 
 def _cache_problem(array_path: Path, index_path: Path, n: int, size: int) -> str | None:
