@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench crossval gpu-check clean
+.PHONY: demo test test-fast bench crossval scale-check gpu-check clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ bench: $(VENV)/.installed
 SAMPLE ?= ../shared/data/isic2020-sample
 crossval: $(VENV)/.installed
 	$(PY) -m experiments.crossval --data-dir $(SAMPLE) --profile cpu --no-tsne --cv-out runs/crossval
+
+# 33,126 generated images of ISIC 2020's shape (kept in data/scale-check for later calls), one epoch of resnet18 at
+# 32 px with every default output: the phase table and the peak memory (docs/scale.md).
+scale-check: $(VENV)/.installed
+	$(PY) -m experiments.scale_check
 
 # On a CUDA machine, with the python3 (and torch) already installed there: no venv, no network; a missing
 # pytorch-metric-learning comes from wheels/. Dry run on a CPU:

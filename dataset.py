@@ -9,6 +9,7 @@ import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader, Dataset
 
+import timings
 from distributed import world_size
 from image_cache import cached_images, decode, decode_all
 from metadata import find_layout, join_columns, load_metadata, locate_images, pair_label_codes
@@ -146,20 +147,23 @@ def prepare_data(s, splits_path=None) -> Data:
     With `splits_path`, that saved split is reused. With s.check_data, missing and unreadable images become
     Data.problems instead of errors, and images are decoded only with s.check_images.
     """
-    csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
-    frame = load_metadata(csv_path)
-    if s.extra_csv or s.pair_labels != "target" or s.metadata:
-        frame = join_columns(frame, csv_path, s.extra_csv)
-    source = f"{csv_path}" + (f" + {s.extra_csv}" if s.extra_csv else "")
-    frame["pair_label"] = pair_label_codes(frame, s.pair_labels, source)  # what the contrastive term pairs by
-    ids = list(frame["isic_id"])
-    frame["row"] = np.arange(len(frame))  # position in `paths` and in the image cache
-    paths, missing = locate_images(ids, image_dir)
+    with timings.phase("data.metadata") as timed:
+        csv_path, image_dir = find_layout(s.data_dir, s.csv, s.image_dir)
+        frame = load_metadata(csv_path)
+        if s.extra_csv or s.pair_labels != "target" or s.metadata:
+            frame = join_columns(frame, csv_path, s.extra_csv)
+        source = f"{csv_path}" + (f" + {s.extra_csv}" if s.extra_csv else "")
+        frame["pair_label"] = pair_label_codes(frame, s.pair_labels, source)  # what the contrastive term pairs by
+        ids = list(frame["isic_id"])
+        frame["row"] = np.arange(len(frame))  # position in `paths` and in the image cache
+        paths, missing = locate_images(ids, image_dir)
+        timed.note = f"{len(frame)} rows"
     if missing and not s.check_data:
         raise UserError(missing)
     problems = [missing] if missing else []
     # The split needs only the metadata: made before decoding, its errors come in seconds, not after an hour.
-    frame = apply_saved_split(frame, read_splits(splits_path)) if splits_path is not None else split_rows(frame, s)
+    with timings.phase("data.split"):
+        frame = apply_saved_split(frame, read_splits(splits_path)) if splits_path is not None else split_rows(frame, s)
     cache, bad = None, {}
     if not s.check_data:
         cache, bad = read_images(ids, paths, s)

@@ -12,6 +12,7 @@ import pandas as pd
 import torch
 
 from config import Settings
+import timings
 from dataset import ImageDataset, load_images
 from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
 from inference import Predictions, score
@@ -79,16 +80,20 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
     else:
         threshold = chosen["threshold"]
     train, query = embedding_space(refs.embeddings[view], s), embedding_space(pred.embeddings, s)
-    if chosen is None:
-        by_k = knn_scores(train, refs.targets, query, K_GRID)
-        metric = auroc if s.select_metric == "auroc" else partial_auc
-        k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
-    else:
-        k = chosen["scorers"]["knn"]["k"]
-        by_k = knn_scores(train, refs.targets, query, [k])
-    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets) if labelled else {}
-    return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}, k,
-                   retrieval)
+    with timings.phase("evaluation.knn", note=f"{len(query)} queries, {len(train)} references"):
+        if chosen is None:
+            by_k = knn_scores(train, refs.targets, query, K_GRID)
+            metric = auroc if s.select_metric == "auroc" else partial_auc
+            k = max(by_k, key=lambda k: metric(pred.targets, by_k[k]))
+        else:
+            k = chosen["scorers"]["knn"]["k"]
+            by_k = knn_scores(train, refs.targets, query, [k])
+        embedding_scores = {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}
+    retrieval = {}
+    if labelled:
+        with timings.phase("evaluation.retrieval"):
+            retrieval = retrieval_metrics(train, refs.targets, query, pred.targets)
+    return Scoring(pred, threshold, embedding_scores, k, retrieval)
 
 
 def chosen_on_val(val: dict, view: str) -> dict:
@@ -127,9 +132,12 @@ def read_val_metrics(run: LoadedRun) -> dict:
 
 def score_views(run: LoadedRun, dataset, refs: References, val: dict | None, labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
-    return {view: scoring(score(scorer, dataset, run.s, run.device), refs, view, run.s,
-                          None if val is None else chosen_on_val(val, view), labelled)
-            for view, scorer in views(run.model, run.tta).items()}
+    scorings = {}
+    for view, scorer in views(run.model, run.tta).items():
+        with timings.phase("evaluation.score" + ("_tta" if view == "tta" else ""), note=f"{len(dataset)} images"):
+            pred = score(scorer, dataset, run.s, run.device)
+        scorings[view] = scoring(pred, refs, view, run.s, None if val is None else chosen_on_val(val, view), labelled)
+    return scorings
 
 
 def prediction_columns(scorings: dict) -> dict:
@@ -149,10 +157,12 @@ def write_labelled_set(run: LoadedRun, images: ImageSet, scorings: dict, refs: R
     out_dir, plain = Path(out_dir), scorings["plain"]
     y, p = plain.pred.targets, plain.pred.probabilities
     cases = gallery_cases(y, p, plain.threshold)
-    write_gallery(run.model, images.dataset, images.ids, plain.pred, plain.threshold, out_dir / "gallery.png",
-                  run.device, cases)
+    with timings.phase("evaluation.gallery", note="Grad-CAM"):
+        write_gallery(run.model, images.dataset, images.ids, plain.pred, plain.threshold, out_dir / "gallery.png",
+                      run.device, cases)
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(images.ids, p)]
-    write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, cases, images.dataset, captions, y)
+    with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
+        write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, cases, images.dataset, captions, y)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, images.ids, out_dir, run.s, extra, images.patients, prevalence, run.resamples)
 
@@ -163,11 +173,12 @@ def evaluate_split(run: LoadedRun, split: str, data, references: References | No
     refs = references or run.references(data)
     val = None if split == "val" else read_val_metrics(run)
     dataset = data.dataset(split, run.s.img_size)
-    scorings = score_views(run, dataset, refs, val)
     part = data.frame[data.frame["split"] == split]
     extra = {"split": split, "threshold_chosen_on": "val (Youden's J)"}
     images = ImageSet(dataset, part["isic_id"].to_numpy(), part["patient_id"].to_numpy())
-    return write_labelled_set(run, images, scorings, refs, run.out / split, extra)
+    with timings.part(split):
+        scorings = score_views(run, dataset, refs, val)
+        return write_labelled_set(run, images, scorings, refs, run.out / split, extra)
 
 
 def evaluate_run(run: LoadedRun, data) -> dict:
@@ -206,7 +217,8 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFr
     plain = scorings["plain"]
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, cases, dataset, captions)
+    with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
+        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, cases, dataset, captions)
     result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings), "run_split": held})
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result

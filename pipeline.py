@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+import timings
 from checkpoints import evaluation_weights, load_checkpoint, require_resumable
 from config import RESUMABLE, Settings, settings_from_cli
 from dataset import data_report, prepare_data
@@ -29,8 +30,9 @@ from webreport import record_command, write_report
 from utils import UserError, library_versions, seed_everything, set_deterministic, write_json, write_text
 
 DEMO_DATA = Path("data/demo")
-CHECK_DATA_FILES = {"splits.csv", "data_report.txt"}  # all --check-data writes: replaced without --overwrite
-DECODE_WORKERS = min(4, os.cpu_count() or 1)
+CHECK_DATA_FILES = {"splits.csv", "data_report.txt", "timings.json"}  # all --check-data writes: replaced without --overwrite
+DECODE_WORKERS = min(4, os.cpu_count() or 1)  # loader processes that decode while a GPU trains (--no-cache)
+CACHE_BUILD_WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run(given: dict) -> Path:
@@ -38,6 +40,11 @@ def run(given: dict) -> Path:
     device = init_distributed(pick_device(s.device))
     s.out = broadcast(s.out)  # a default folder name holds the time: every rank takes rank 0's
     out = Path(s.out)
+    with timings.recording(out / "timings.json", keep=checkpoint is not None, active=is_main()):
+        return train_and_evaluate(s, checkpoint, device, out)
+
+
+def train_and_evaluate(s: Settings, checkpoint: dict | None, device: torch.device, out: Path) -> Path:
     seed_everything(s.seed)
     set_deterministic(s.deterministic if s.deterministic is not None else device.type == "cpu")
     chosen = s.workers is not None
@@ -46,8 +53,8 @@ def run(given: dict) -> Path:
     print(f"run folder: {out}   device: {device} ({precision})   workers: {s.workers}"
           f"{'' if chosen else ' (default here)'}   backbone: {s.backbone} at {s.img_size}px   weights: {s.weights}")
 
-    # Decoding JPEGs into the cache is CPU-bound and done once: parallel unless the user chose a number.
-    reading = s if chosen else dataclasses.replace(s, workers=DECODE_WORKERS)
+    # Decoding JPEGs into the cache is CPU-bound and done once, before training: every core, unless the user chose.
+    reading = s if chosen else dataclasses.replace(s, workers=CACHE_BUILD_WORKERS)
     # Rank 0 reads the data first, so the image cache is built once; the other ranks then reuse it (or stop with
     # rank 0's failure).
     data = rank0_first(lambda: prepare_data(reading, splits_path=out / "splits.csv" if checkpoint else s.splits))
@@ -56,6 +63,7 @@ def run(given: dict) -> Path:
         report += "images not decoded: add --check-images to decode every one\n"
     if is_main():  # the only process that writes files
         claim_out_dir(out, s.overwrite and not checkpoint)  # only now, with the data known to be good, touch the folder
+        timings.save()
         if not checkpoint:
             write_splits(data.frame, out / "splits.csv")
         write_text(out / "data_report.txt", report)
@@ -83,8 +91,11 @@ def run(given: dict) -> Path:
     metrics = evaluate_run(LoadedRun(out, s, model, device, s.tta), data)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, "
-          "train_embeddings.pt, val/, test/")
-    print(f"report: {write_report(out)}")  # the last line: the one page to open
+          "train_embeddings.pt, timings.json, val/, test/")
+    with timings.phase("evaluation.report"):
+        report = write_report(out)
+    print(f"time: {timings.current_summary()} (phases in {out / 'timings.json'})")
+    print(f"report: {report}")  # the last line: the one page to open
     return out
 
 

@@ -86,20 +86,38 @@ def confusion_plot(matrix, threshold: float, path) -> None:
     save(fig, path)
 
 
+TSNE_POINTS = 1000  # t-SNE's cost grows faster than the points: a larger set is drawn as a fixed-size sample
+
+
+def tsne_sample(y, points: int = TSNE_POINTS, seed: int = 0) -> np.ndarray:
+    """Indices of at most `points` images: every malignant one up to half of them, benign ones filling the rest."""
+    y = np.asarray(y)
+    if len(y) <= points:
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    malignant, benign = np.flatnonzero(y == 1), np.flatnonzero(y != 1)
+    malignant = rng.choice(malignant, min(len(malignant), points // 2), replace=False)
+    benign = rng.choice(benign, min(len(benign), points - len(malignant)), replace=False)
+    return np.sort(np.concatenate([malignant, benign]))
+
+
 def embeddings_plot(embeddings, y, path, seed: int = 0, tsne: bool = True) -> None:
-    """PCA (and t-SNE) of the embeddings, coloured by class; malignant drawn on top so they stay visible."""
-    panels = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(embeddings))]
+    """PCA of the embeddings (and t-SNE of at most TSNE_POINTS of them), coloured by class; malignant drawn on top."""
+    y = np.asarray(y)
+    panels = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(embeddings), np.arange(len(y)))]
     if tsne and len(embeddings) > 5:
-        perplexity = min(30.0, (len(embeddings) - 1) / 3)
+        rows = tsne_sample(y, seed=seed)
+        perplexity = min(30.0, (len(rows) - 1) / 3)
         panels.append(("t-SNE", TSNE(n_components=2, perplexity=perplexity, init="pca",
-                                     random_state=seed).fit_transform(embeddings)))
+                                     random_state=seed).fit_transform(embeddings[rows]), rows))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
-    for ax, (name, points) in zip(axes[0], panels):
+    for ax, (name, points, rows) in zip(axes[0], panels):
         for label, colour in ((0, "tab:blue"), (1, "tab:red")):
-            chosen = np.asarray(y) == label
+            chosen = y[rows] == label
             ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.6, c=colour,
                        label=f"{CLASSES[label]} ({chosen.sum()})")
-        ax.set_title(f"{name} of test embeddings")
+        sampled = f" (a sample of {len(rows)} of {len(y)})" if len(rows) < len(y) else ""
+        ax.set_title(f"{name} of test embeddings{sampled}", fontsize=10 if sampled else None)
         ax.legend()
     save(fig, path)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+import timings
 from config import COUNT, Parser, add_settings
 from dataset import prepare_data
 from devices import pick_device
@@ -114,7 +115,17 @@ def load(run_dir: Path, args, home: Path | None = None) -> LoadedRun:
 
 
 def score_run(run: LoadedRun, args, out_dir: Path | None) -> Path:
-    """Score with one run; returns the folder that holds its predictions.csv."""
+    """Score with one run; returns the folder that holds its predictions.csv (and timings.json)."""
+    where = out_dir or run.out / args.split
+    if out_dir is None:
+        where.mkdir(parents=True, exist_ok=True)  # the run's own split: timings.json is kept there as phases end
+    with timings.recording(where / "timings.json"):
+        folder = score_with(run, args, out_dir)
+        print(f"time: {timings.current_summary()} (phases in {where / 'timings.json'})")
+    return folder
+
+
+def score_with(run: LoadedRun, args, out_dir: Path | None) -> Path:
     if other_data(args):
         if needs_val(run):  # the threshold and k come from val: choose them first, as for the test split
             evaluate_split(run, "val", run_data(run))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import timings
 from augment import DihedralTTA
 from checkpoints import save_checkpoint
 from dataset import prepare_data
@@ -123,6 +124,8 @@ def train_references(run_dir, model, s, device, tta: bool, data=None, store=None
     for view, scorer in wanted.items():
         if view not in refs.embeddings:
             print(f"embedding the {len(train)} training images ({view}) once; stored in {path}")
-            refs.embeddings[view] = score(scorer, train, s, device).embeddings
+            with timings.phase("evaluation.train_embeddings" + ("_tta" if view == "tta" else ""),
+                               note=f"{len(train)} images"):
+                refs.embeddings[view] = score(scorer, train, s, device).embeddings
     save_references(path, refs)
     return refs

@@ -10,6 +10,7 @@ import pandas as pd
 from sklearn.metrics import average_precision_score
 
 import plots
+import timings
 from inference import Predictions
 from metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
                      prior_corrected_logits, sigmoid)
@@ -38,7 +39,8 @@ def labelled_metrics(sc: Scoring, groups, prevalence: float, s, resamples: int) 
     """Threshold metrics of the head, AUROC and pAUC with 95% CIs for every scorer, and calibration."""
     y, p = sc.pred.targets, sc.pred.probabilities
     scores = {"head": p, **sc.embedding_scores}
-    ci = bootstrap_ci(y, scores, groups, resamples, seed=s.seed)
+    with timings.phase("evaluation.bootstrap", note=f"{resamples} resamples, {len(y)} images, {len(scores)} scorers"):
+        ci = bootstrap_ci(y, scores, groups, resamples, seed=s.seed)
     m = {**all_metrics(y, p, sc.threshold), "auroc_ci95": ci["head"]["auroc"], "pauc_ci95": ci["head"]["pauc"]}
     m["scorers"] = {name: {"auroc": auroc(y, v), "pauc": partial_auc(y, v), "auroc_ci95": ci[name]["auroc"],
                            "pauc_ci95": ci[name]["pauc"]} for name, v in scores.items()}
@@ -78,17 +80,18 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
                               "threshold_chosen_on": "val with TTA (Youden's J)"}
     write_csv(out_dir / "predictions.csv", pd.DataFrame(columns))
     write_text(out_dir / "classification_report.txt", classification_report(y, p, threshold))
-    if len(np.unique(y)) == 2:
-        plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png")
-        plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png")
-    if len(np.unique(y)) == 2 and plain.is_probability:
-        plots.calibration_plot(y, {"raw (50% training prior)": p,
-                                   f"prior-corrected ({100 * prevalence:.1f}%)": prior_probability(plain.pred, prevalence)},
-                               out_dir / "calibration.png")
-    plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
+    with timings.phase("evaluation.plots", note="roc, pr, calibration, confusion matrix"):
+        if len(np.unique(y)) == 2:
+            plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png")
+            plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png")
+        if len(np.unique(y)) == 2 and plain.is_probability:
+            plots.calibration_plot(y, {"raw (50% training prior)": p, f"prior-corrected ({100 * prevalence:.1f}%)":
+                                       prior_probability(plain.pred, prevalence)}, out_dir / "calibration.png")
+        plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
     if plain.pred.embeddings.shape[1]:  # an ensemble of runs has no one embedding space
-        plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png", seed=s.seed,
-                              tsne=s.tsne)  # the space the contrastive loss shaped
+        with timings.phase("evaluation.tsne" if s.tsne else "evaluation.pca", note="embeddings.png"):
+            plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png",
+                                  seed=s.seed, tsne=s.tsne)  # the space the contrastive loss shaped
     write_json(out_dir / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
 

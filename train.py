@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import plots
+import timings
 import webreport
 from augment import BatchAugment, to_float
 from checkpoints import FORMAT, save_checkpoint
@@ -310,8 +311,9 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
             started = time.time()
             seed_epoch(loader, s.seed, epoch)
             try:
-                row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
-                                      amp_dtype, epoch, s.epochs, stop, state.ema)
+                with timings.phase(f"training.epoch{epoch}", note=f"{len(loader)} steps"):
+                    row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
+                                          amp_dtype, epoch, s.epochs, stop, state.ema)
             except Interrupted as e:
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None
@@ -327,11 +329,13 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
             failure = None
             if is_main():  # the other ranks wait in settle while rank 0 validates and saves
                 try:
-                    row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn,
-                                                           desc="validating")))
+                    with timings.phase(f"validation.epoch{epoch}", note=f"{len(val.dataset)} images"):
+                        row.update(validation_summary(evaluate(eval_model, val, device, amp_dtype, loss_fn,
+                                                               desc="validating")))
                     row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]),
                            "seconds": time.time() - started}
-                    plotted = end_of_epoch(state, row, s, out_dir, plotted)
+                    with timings.phase(f"training.save.epoch{epoch}", note="checkpoints, history, plots"):
+                        plotted = end_of_epoch(state, row, s, out_dir, plotted)
                 except Exception as e:  # reported to every rank before it is raised here
                     failure = e
             settle(failure)

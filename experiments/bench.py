@@ -31,7 +31,7 @@ from devices import autocast_dtype
 from inference import evaluate
 from losses import build_loss
 from modules import SiameseNet
-from pipeline import DECODE_WORKERS, loader_workers
+from pipeline import CACHE_BUILD_WORKERS, loader_workers
 from train import build_optimizer, moving_average, train_one_epoch
 from utils import seed_everything, set_deterministic
 
@@ -259,7 +259,7 @@ def main(argv=None):
             make_dataset(data_dir, n_images=n_images, size=side, seed=0)
         s = dataclasses.replace(Settings(data_dir=str(data_dir), cache_dir=str(root / "cache")), **overrides)
         s.workers = loader_workers(device, cached=True)
-        data = prepare_data(dataclasses.replace(s, workers=DECODE_WORKERS))
+        data = prepare_data(dataclasses.replace(s, workers=CACHE_BUILD_WORKERS))
         for compile_model in {"no": [False], "yes": [True], "both": [False, True]}[args.compile]:
             results.append(case(label, s, device, data, steps, compile_model))
             print("\n".join(table(results[-1:])[2:]), flush=True)

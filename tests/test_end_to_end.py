@@ -107,3 +107,21 @@ def test_real_sample_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert metrics["n"] == (pd.read_csv(out / "splits.csv")["split"] == "test").sum()
+
+
+@pytest.mark.slow
+def test_runs_and_predictions_record_where_their_time_goes(tiny_run):
+    out, result = tiny_run
+    phases = json.loads((out / "timings.json").read_text())["phases"]
+    names = [p["name"] for p in phases]
+    for name in ("data.metadata", "data.split", "data.cache", "training.epoch1", "validation.epoch2",
+                 "evaluation.train_embeddings", "evaluation.score.test", "evaluation.retrieval.val",
+                 "evaluation.bootstrap.test", "evaluation.report"):
+        assert name in names, name
+    assert "images/s" in phases[names.index("data.cache")]["note"]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("time: ")]
+    assert len(summary) == 1 and all(f"{g} " in summary[0] for g in ("data", "training", "validation", "evaluation"))
+    predicted = cli("predict.py", "--run", out, "--split", "val", "--workers", "0")
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    names = [p["name"] for p in json.loads((out / "val" / "timings.json").read_text())["phases"]]
+    assert "evaluation.score.val" in names and "training.epoch1" not in names
