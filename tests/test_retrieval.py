@@ -67,7 +67,7 @@ def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(mon
     refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
                       {"plain": train}, "sha", "float32")
     run = evaluation.LoadedRun(Path("run"), Settings(), None, torch.device("mps"))
-    scored = evaluation.score_views(run, None, refs, val=None)
+    scored = evaluation.score_views(run, range(4), refs, val=None)
     assert scored["plain"].retrieval["mean_of_classes"]["precision_at_1"] == 1.0
 
 
