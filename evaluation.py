@@ -19,6 +19,7 @@ from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from tabular import run_features
 from utils import UserError, write_csv
+from webreport import SKIPPED
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 
@@ -134,6 +135,7 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
+    write_skipped(out_dir, frame, paths, bad)
     if s.metadata and extra_csv:
         frame = join_columns(frame, None, extra_csv)
     features = run_features(run_dir, s, frame)  # without a CSV every patient fact is unknown
@@ -169,6 +171,7 @@ def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device
     features = run_features(run_dir, s, frame)
     paths, cache, bad = load_images(frame, image_dir, s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
+    write_skipped(out_dir, frame, paths, bad)
     dataset = ImageDataset(rows, frame["target"].to_numpy()[rows], paths, s.img_size, cache,
                            metadata=None if features is None else features[rows])
     val = read_val_metrics(run_dir)
@@ -177,6 +180,15 @@ def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device
     extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)"}
     return write_labelled_set(out_dir, scorings, refs, model, dataset, frame["isic_id"].to_numpy()[rows], s, device,
                               extra, frame["patient_id"].to_numpy()[rows], resamples)
+
+
+def write_skipped(out_dir, frame, paths, bad: dict) -> None:
+    """OUT/skipped_images.csv: the unreadable images --skip-bad-images left out, for report.html (none: no file)."""
+    path = Path(out_dir) / SKIPPED
+    path.unlink(missing_ok=True)  # from an earlier scoring into the same folder
+    if bad:
+        files = dict(zip(frame["isic_id"], paths))
+        write_csv(path, pd.DataFrame({"file": [str(files[i]) for i in bad], "error": list(bad.values())}))
 
 
 def needs_val(run_dir, tta: bool) -> bool:
