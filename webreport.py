@@ -23,8 +23,8 @@ from markupsafe import Markup
 
 from config import PROFILES, Settings
 from utils import write_text
-from webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, is_number,
-                            learning_rate, leaves, number_groups, read_csv, read_json, readable)
+from webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
+                            is_number, leaves, number_groups, read_csv, read_json, readable, same_as_default, timings)
 
 REPORT, COMMANDS, TIMINGS, SKIPPED = "report.html", "commands.txt", "timings.json", "skipped_images.csv"
 SPLITS = ("test", "val")  # test first: the headline (and first when the columns stack in a narrow window)
@@ -42,6 +42,10 @@ THRESHOLD_ROWS = ("threshold", "sensitivity", "specificity", "precision", "f1", 
 CALIBRATION_ROWS = {"brier": "Brier (raw: 50% training prior)", "brier_prior_corrected": "Brier, prior-corrected",
                     "ece": "ECE (raw)", "ece_prior_corrected": "ECE, prior-corrected",
                     "train_prevalence": "training prevalence", "ece_bins": "ECE bins"}
+SECTIONS = {"run": "What was run", "curves": "Training curves", "summary": "Test summary", "predictions": "Predictions",
+            "skipped": "Skipped images", "plots": "ROC, precision-recall and calibration", "embeddings": "Embeddings",
+            "gallery": "Error gallery", "similar": "Similar lesions", "timings": "Timings", "other": "Other figures",
+            "numbers": "Other numbers in metrics.json"}  # in the template's order
 CSS = Path(__file__).with_name("webreport.css")  # inlined into each page
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -97,17 +101,13 @@ class Page:
                  predict=self.run != self.folder, css=Markup(CSS.read_text()), status=self.status(),
                  run=self.what_was_run(), curves=self.curves(), summary=[self.card(s) for s in self.evaluated],
                  predictions=self.prediction_table(), skipped=self.skipped_table(),
-                 plots=self.figures_by_split(CURVE_FIGURES), embeddings=self.figures_by_split(
-                     {"embeddings.png": "embeddings"}, wide=True),
+                 plots=self.figures_by_split(CURVE_FIGURES),
+                 embeddings=self.figures_by_split({"embeddings.png": "embeddings"}, wide=True),
                  gallery=self.figures_by_split({"gallery.png": "gallery"}, wide=True), similar=self.similar(),
-                 timings=self.timings(), other=self.other_figures(), folder=str(self.folder.resolve()),
-                 written=time.strftime("%Y-%m-%d %H:%M:%S"))
+                 timings=timings(read_json(self.folder / TIMINGS)), other=self.other_figures(),
+                 folder=str(self.folder.resolve()), written=time.strftime("%Y-%m-%d %H:%M:%S"))
         c["numbers"] = self.other_numbers()  # last: it needs every table drawn
-        titles = {"run": "What was run", "curves": "Training curves",
-                  "summary": "Results" if c["predict"] else "Test summary", "predictions": "Predictions",
-                  "skipped": "Skipped images", "plots": "ROC, precision-recall and calibration",
-                  "embeddings": "Embeddings", "gallery": "Error gallery", "similar": "Similar lesions",
-                  "timings": "Timings", "other": "Other figures", "numbers": "Other numbers in metrics.json"}
+        titles = {**SECTIONS, "summary": "Results"} if c["predict"] else SECTIONS
         c["sections"] = {key: title for key, title in titles.items() if c[key]}
         return c
 
@@ -291,7 +291,7 @@ class Page:
         return csv_table(self.skipped, f"{SKIPPED}: unreadable, left out (--skip-bad-images)", numeric_from=9) \
             if self.skipped else None
 
-    # ---------------------------------------------------------------- figures and timings
+    # ---------------------------------------------------------------- figures
 
     def figures_by_split(self, names: dict, wide: bool = False) -> list[Grid]:
         """Each figure for every split, side by side (wide figures one under the other)."""
@@ -309,23 +309,6 @@ class Page:
         grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True)
         return dict(figures=grids, tables=tables) if grids or tables else {}
 
-    def timings(self) -> dict:
-        """timings.json: each phase ("group.step") and the total of each group, as the program measured them."""
-        t = read_json(self.folder / TIMINGS)
-        phases = t.get("phases") or []
-        if not phases:
-            return {}
-        groups = {}
-        for p in phases:
-            group = str(p.get("name", "")).split(".")[0]
-            groups[group] = groups.get(group, 0.0) + float(p.get("seconds", 0.0))
-        rows = [[Code(str(p.get("name", ""))), f"{float(p.get('seconds', 0.0)):.1f}", str(p.get("note", ""))]
-                for p in phases]
-        total = t.get("total_seconds")
-        return dict(phases=Table(["phase", "seconds", "note"], rows, numeric_from=1),
-                    groups=Table(["group", "seconds"], [[g, f"{s:.1f}"] for g, s in groups.items()]),
-                    total=f"{total:.1f} s ({total / 60:.1f} min)" if is_number(total) else "")
-
     def other_figures(self) -> Grid | None:
         """Figures this page does not know yet: shown rather than silently left out."""
         places = [("", self.run)] + [(f"{split}: ", d) for split, d in self.splits.items() if d != self.run]
@@ -338,20 +321,3 @@ class Page:
         rows = [[split, Code(".".join(map(str, path))), self.num(split, *path)] for split, m in self.metrics.items()
                 for path, value in leaves(m) if path not in self.shown[split] and is_number(value)]
         return Table(["set", "key", "value"], rows, numeric_from=2) if rows else None
-
-
-def history_cell(column: str, text: str | None) -> str:
-    if not text:
-        return "–"
-    return learning_rate(float(text)) if column == "lr" else fmt(float(text))
-
-
-def same_as_default(value, default) -> bool:
-    """Equal, or the default folder made absolute (driver.py stores paths so that predict.py runs from anywhere)."""
-    if value == default:
-        return True
-    if isinstance(value, str) and isinstance(default, str) and default and Path(value).is_absolute():
-        tail = Path(default).parts
-        return Path(value).parts[-len(tail):] == tail and not Path(default).is_absolute()
-    return False
-

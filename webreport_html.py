@@ -95,6 +95,24 @@ def learning_rate(value: float) -> str:
     return f"{value:.2e}"
 
 
+def history_cell(column: str, text: str | None) -> str:
+    """A history.csv value: the learning rate in scientific notation, seconds to a tenth, others as metrics."""
+    if not text:
+        return "–"
+    value = float(text)
+    return learning_rate(value) if column == "lr" else f"{value:.1f}" if column == "seconds" else fmt(value)
+
+
+def same_as_default(value, default) -> bool:
+    """Equal, or the default folder made absolute (driver.py stores paths so that predict.py runs from anywhere)."""
+    if value == default:
+        return True
+    if isinstance(value, str) and isinstance(default, str) and default and Path(value).is_absolute():
+        tail = Path(default).parts
+        return not Path(default).is_absolute() and Path(value).parts[-len(tail):] == tail
+    return False
+
+
 def readable(name: str) -> str:
     """A metrics.json or CSV key as a heading: precision_at_1 → precision@1, hub_share@5 → hub share@5."""
     if name in READABLE:
@@ -129,6 +147,23 @@ def csv_table(rows: list[dict], what: str, numeric_from: int = 1) -> Table:
     shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else f"{len(rows)} rows"
     return Table([readable(c) for c in rows[0]], [[short(v) for v in r.values()] for r in rows[:SHOWN_ROWS]],
                  numeric_from, note=f"{what}: {shown}.")
+
+
+def timings(t: dict) -> dict:
+    """timings.json: each phase ("group.step") and each group's total, as the program measured them ({}: none)."""
+    phases = t.get("phases") or []
+    if not phases:
+        return {}
+    groups = {}
+    for p in phases:
+        group = str(p.get("name", "")).split(".")[0]
+        groups[group] = groups.get(group, 0.0) + float(p.get("seconds", 0.0))
+    rows = [[Code(str(p.get("name", ""))), str(p.get("note", "")), f"{float(p.get('seconds', 0.0)):.1f}"]
+            for p in phases]
+    total = t.get("total_seconds")
+    return dict(phases=Table(["phase", "note", "seconds"], rows, numeric_from=2),
+                groups=Table(["group", "seconds"], [[g, f"{s:.1f}"] for g, s in groups.items()]),
+                total=f"{total:.1f} s ({total / 60:.1f} min)" if is_number(total) else "")
 
 
 # ---------------------------------------------------------------- walking metrics.json
