@@ -134,8 +134,8 @@ class Page:
             text = (f"{len(self.predictions)} unlabelled images scored by {model}: {flagged} above the run's "
                     f"threshold{skipped}.")
         elif self.folder != self.run:
-            text = (f"{', '.join(self.evaluated)}: labelled images evaluated by {model}{skipped}."
-                    if self.evaluated else f"Nothing scored yet by {model}.")
+            n = self.metrics[self.evaluated[0]].get("n", "?") if self.evaluated else 0
+            text = f"{n} labelled images evaluated by {model}{skipped}." if n else f"Nothing scored yet by {model}."
         else:
             text = f"{done} of {epochs} epochs trained" if self.history else "No training history"
             text += f"; evaluated: {', '.join(self.evaluated)}." if self.evaluated else "; not evaluated."

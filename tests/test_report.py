@@ -276,6 +276,22 @@ def test_no_skipped_section_without_skipped_files(tmp_path):
     assert "Skipped images" not in page.headings and "unreadable" not in " ".join(page.text)
 
 
+def test_report_of_another_labelled_dataset(tmp_path):
+    """predict.py --data-dir: results under their own name, the dataset named, no run status."""
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({**split_metrics(0), "dataset": "/data/other.csv"}))
+    png(out / "roc.png")
+    webreport.write_report(out, run=run)
+    page = read_page(out)
+    text = " ".join(page.text)
+    assert page.headings == ["What was run", "Training curves", "Results", "ROC, precision-recall and calibration",
+                             "Other numbers in metrics.json"]
+    assert "18 labelled images evaluated by the model of run run." in text and "epochs trained" not in text
+    assert "/data/other.csv" in section_text(page, "run")
+
+
 def settings_rows(page: Page) -> dict:
     """setting -> (value, source), from the settings table's cells."""
     cells = section_text(page, "run")
