@@ -156,17 +156,18 @@ class Page:
         """Settings that differ from the defaults, with where each value came from: typed by the user (config.json
         "given"), the profile, or chosen by the program (e.g. the loader workers for this machine)."""
         defaults = dataclasses.asdict(Settings())
-        profile = PROFILES.get(self.config.get("profile", "default"), {})
-        given = self.config.get("given")
-        rows = []
-        for key, value in self.config.items():
-            if key in HIDDEN_SETTINGS or key not in defaults or same_as_default(value, defaults[key]):
-                continue
-            source = ("given" if given and key in given else f"profile {self.config['profile']}"
-                      if profile.get(key, object()) == value else "not recorded" if given is None
-                      else "chosen by the program")
-            rows.append([Code(key), str(value), str(defaults[key]), source])
+        rows = [[Code(key), str(value), str(defaults[key]), self.source(key, value)]
+                for key, value in self.config.items()
+                if key not in HIDDEN_SETTINGS and key in defaults and not same_as_default(value, defaults[key])]
         return Table(["setting", "this run", "default", "from"], rows, numeric_from=9)
+
+    def source(self, key: str, value) -> str:
+        given, profile = self.config.get("given"), self.config.get("profile", "default")
+        if given is not None and key in given:
+            return "given"
+        if key in PROFILES.get(profile, {}) and PROFILES[profile][key] == value:
+            return f"profile {profile}"
+        return "not recorded" if given is None else "chosen by the program"  # e.g. loader workers for this machine
 
     def data_summary(self) -> dict:
         """A run's data_report.txt and its leakage check, or the labelled dataset a predict.py folder scored."""
@@ -186,10 +187,9 @@ class Page:
     # ---------------------------------------------------------------- training
 
     def curves(self) -> dict:
-        figures = Grid([figure(self.run / f, c) for f, c in HISTORY_FIGURES.items() if (self.run / f).is_file()
-                        and f != "pairs.png"],
-                       [figure(self.run / "pairs.png", "contrastive pairs")] if (self.run / "pairs.png").is_file()
-                       else [])  # two panels: full width
+        drawn = [f for f in HISTORY_FIGURES if (self.run / f).is_file()]
+        figures = Grid([figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f != "pairs.png"],
+                       [figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f == "pairs.png"])  # two panels
         if not self.history:
             return dict(table=None, figures=figures) if figures.figures or figures.wide else {}
         metric = self.config.get("select_metric", "pauc")
@@ -288,8 +288,10 @@ class Page:
         return csv_table(rows, "predictions.csv, the most probable melanomas first")
 
     def skipped_table(self) -> Table | None:
-        return csv_table(self.skipped, f"{SKIPPED}: unreadable, left out (--skip-bad-images)", numeric_from=9) \
-            if self.skipped else None
+        """The unreadable files predict.py --skip-bad-images left out."""
+        if not self.skipped:
+            return None
+        return csv_table(self.skipped, f"{SKIPPED}: unreadable, left out (--skip-bad-images)", numeric_from=9)
 
     # ---------------------------------------------------------------- figures
 
