@@ -24,7 +24,8 @@ from markupsafe import Markup
 from config import PROFILES, Settings
 from utils import write_text
 from webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
-                            is_number, leaves, number_groups, read_csv, read_json, readable, same_as_default, timings)
+                            is_number, leaves, number_groups, plural, read_csv, read_json, readable, same_as_default,
+                            timings)
 
 REPORT, COMMANDS, TIMINGS, SKIPPED = "report.html", "commands.txt", "timings.json", "skipped_images.csv"
 SPLITS = ("test", "val")  # test first: the headline (and first when the columns stack in a narrow window)
@@ -97,8 +98,10 @@ class Page:
 
     def context(self) -> dict:
         """Everything the template shows, section by section; `sections` names those that have something to show."""
-        c = dict(name=self.config.get("out") and Path(self.config["out"]).name or self.folder.resolve().name,
-                 predict=self.run != self.folder, css=Markup(CSS.read_text()), status=self.status(),
+        predict = self.run != self.folder
+        named = self.config.get("out") and not predict
+        c = dict(name=Path(self.config["out"]).name if named else self.folder.resolve().name, predict=predict,
+                 css=Markup(CSS.read_text()), status=self.status(),
                  run=self.what_was_run(), curves=self.curves(), summary=[self.card(s) for s in self.evaluated],
                  predictions=self.prediction_table(), skipped=self.skipped_table(),
                  plots=self.figures_by_split(CURVE_FIGURES),
@@ -128,11 +131,11 @@ class Page:
                                             "as the history plots are redrawn; val/test results appear when "
                                             "training ends.")
         model = f"the model of run {self.run.resolve().name}"
-        skipped = f"; {len(self.skipped)} unreadable files skipped" if self.skipped else ""
+        skipped = f"; {plural(len(self.skipped), 'unreadable file')} skipped" if self.skipped else ""
         if self.predictions:
             flagged = sum(r.get("predicted_malignant") == "1" for r in self.predictions)
-            text = (f"{len(self.predictions)} unlabelled images scored by {model}: {flagged} above the run's "
-                    f"threshold{skipped}.")
+            text = (f"{plural(len(self.predictions), 'unlabelled image')} scored by {model}: {flagged} above the "
+                    f"run's threshold{skipped}.")
         elif self.folder != self.run:
             n = self.metrics[self.evaluated[0]].get("n", "?") if self.evaluated else 0
             text = f"{n} labelled images evaluated by {model}{skipped}." if n else f"Nothing scored yet by {model}."

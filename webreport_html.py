@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SHOWN_ROWS = 20  # of the history and of CSV tables; the files hold all
-# Retrieval and metric names as a reader says them; anything else: underscores become spaces, "_at_5" becomes "@5".
+# Keys as a reader says them; any other key: underscores become spaces, "_at_5" becomes "@5", and WORDS are spelled.
 READABLE = {"r_precision": "R-precision", "mean_average_precision_at_r": "MAP@R", "per_class": "per class",
-            "mean_of_classes": "mean of the classes", "all_queries": "all queries", "auroc": "AUROC", "pauc": "pAUC",
-            "ece": "ECE", "knn": "kNN", "R": "R"}
+            "mean_of_classes": "mean of the classes", "all_queries": "all queries", "isic_id": "image"}
+WORDS = {"knn": "kNN", "tta": "TTA", "auroc": "AUROC", "pauc": "pAUC", "ece": "ECE"}
 
 
 # ---------------------------------------------------------------- cells: what a table holds
@@ -91,6 +91,10 @@ def short(text: str) -> str:
     return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def learning_rate(value: float) -> str:
     return f"{value:.2e}"
 
@@ -117,7 +121,8 @@ def readable(name: str) -> str:
     """A metrics.json or CSV key as a heading: precision_at_1 → precision@1, hub_share@5 → hub share@5."""
     if name in READABLE:
         return READABLE[name]
-    return re.sub(r"_at_(\w+)$", r"@\1", name).replace("_", " ")
+    words = re.sub(r"_at_(\w+)$", r"@\1", name).split("_")
+    return " ".join(WORDS.get(w, w) for w in words)
 
 
 # ---------------------------------------------------------------- files of a run folder
@@ -144,7 +149,7 @@ def figure(path: Path, caption: str) -> Figure:
 
 def csv_table(rows: list[dict], what: str, numeric_from: int = 1) -> Table:
     """The first SHOWN_ROWS rows of a CSV, numbers shortened; `what` names it in the line above the table."""
-    shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else f"{len(rows)} rows"
+    shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else plural(len(rows), "row")
     return Table([readable(c) for c in rows[0]], [[short(v) for v in r.values()] for r in rows[:SHOWN_ROWS]],
                  numeric_from, note=f"{what}: {shown}.")
 
