@@ -276,8 +276,8 @@ class Page:
                                                        for c in columns)] for path, v in groups]
             single = [[readable(k), self.num(split, *at, "retrieval", k)] for k, v in r.items() if is_number(v)]
             about = "; ".join(f"{readable(k)}: {v}" for k, v in r.items() if isinstance(v, str))
-            parts.append(dict(suffix=suffix, about=about, groups=Table(["queries", *map(readable, columns)], rows),
-                              single=Table(["", "value"], single) if single else None))
+            parts.append(dict(suffix=suffix, about=about, single=Table(["", "value"], single) if single else None,
+                              groups=Table(["query group", *map(readable, columns)], rows)))
         return parts
 
     def prediction_table(self) -> Table | None:
