@@ -163,6 +163,7 @@ class Settings:
     profile: str = setting("default", "preset of defaults: default | cpu | demo", group="run",
                            choices=sorted(PROFILES))
     versions: dict = setting(factory=dict, outcome=False)  # library versions, recorded by the run itself
+    given: list = setting(factory=list, outcome=False)  # the settings the user typed (or a script passed), by name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,6 +24,7 @@ from retrieval import embedding_space, knn_scores, nearest, prototype_scores, re
 from splits import SEEN, seen_note, split_of
 from tabular import run_features
 from utils import UserError, write_csv
+from webreport import SKIPPED
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 SEEN_FILE = "seen_in_training.csv"  # images of another dataset that the run trained or validated on
@@ -202,6 +203,7 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFr
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
+    write_skipped(out_dir, frame, paths, bad)
     if run.s.metadata and extra_csv:
         frame = join_columns(frame, None, extra_csv)
     features = run_features(run.run_dir, run.s, frame)  # without a CSV every patient fact is unknown
@@ -235,6 +237,7 @@ def predict_dataset(source: OtherData, out_dir, run: LoadedRun) -> dict:
         frame = join_columns(frame, csv_path, source.extra_csv)
     features = run_features(run.run_dir, run.s, frame)
     paths, cache, bad = load_images(frame, image_dir, run.s)
+    write_skipped(out_dir, frame, paths, bad)
     held = split_of(Path(run.run_dir) / "splits.csv", frame["isic_id"])
     seen = np.isin(held, SEEN) & (not source.count_seen)
     readable = ~frame["isic_id"].isin(bad).to_numpy()
@@ -265,6 +268,15 @@ def write_seen(run: LoadedRun, images: ImageSet, held, refs: References, val: di
     scorings = score_views(run, images.dataset, refs, val, labelled=False)
     write_csv(Path(out_dir) / SEEN_FILE, pd.DataFrame({"isic_id": images.ids, "target": images.dataset.targets,
                                                        "run_split": held, **prediction_columns(scorings)}))
+
+
+def write_skipped(out_dir, frame, paths, bad: dict) -> None:
+    """OUT/skipped_images.csv: the unreadable images --skip-bad-images left out, for report.html (none: no file)."""
+    path = Path(out_dir) / SKIPPED
+    path.unlink(missing_ok=True)  # from an earlier scoring into the same folder
+    if bad:
+        files = dict(zip(frame["isic_id"], paths))
+        write_csv(path, pd.DataFrame({"file": [str(files[i]) for i in bad], "error": list(bad.values())}))
 
 
 def needs_val(run: LoadedRun) -> bool:

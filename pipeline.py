@@ -110,6 +110,7 @@ def loader_workers(device: torch.device, cached: bool) -> int:
 def new_settings(given: dict) -> Settings:
     s = settings_from_cli(given)
     s.versions = library_versions()
+    s.given = sorted(given)  # report.html tells a typed value from a default or a profile's
     if s.demo and not s.data_dir and not s.csv:
         s.data_dir = str(demo_data())
     # Absolute paths, so that predict.py works from any folder.

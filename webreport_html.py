@@ -1,24 +1,131 @@
-"""The HTML pieces report.html is made of (escaped text, numbers as the page writes them, tables, embedded figures)
-and the readers of a run folder's JSON and CSV files; webreport.py arranges them into the page's sections."""
+"""What report.html is made of, as plain data for templates/report.html.j2: table cells (text, tagged numbers, code),
+tables and embedded figures; how the page writes numbers and names; and the readers of a run folder's JSON and CSV
+files. webreport.py arranges them into the page's sections; the template turns them into HTML, escaping every field."""
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SHOWN_ROWS = 20  # of the history and of CSV tables; the files hold all
+# Keys as a reader says them; any other key: underscores become spaces, "_at_5" becomes "@5", and WORDS are spelled.
+READABLE = {"r_precision": "R-precision", "mean_average_precision_at_r": "MAP@R", "per_class": "per class",
+            "mean_of_classes": "mean of the classes", "all_queries": "all queries", "isic_id": "image"}
+WORDS = {"knn": "kNN", "tta": "TTA", "auroc": "AUROC", "pauc": "pAUC", "ece": "ECE"}
 
 
-def esc(value) -> str:
-    return html.escape(str(value))
+# ---------------------------------------------------------------- cells: what a table holds
 
+@dataclass
+class Num:
+    """A number from a metrics.json, tagged with where it came from (data-key="split:path.in.metrics")."""
+    key: str
+    text: str
+    kind: str = "num"
+
+
+@dataclass
+class CI:
+    """A value with its 95% confidence interval."""
+    value: Num
+    low: Num
+    high: Num
+    kind: str = "ci"
+
+
+@dataclass
+class Code:
+    text: str
+    kind: str = "code"
+
+
+@dataclass
+class Parts:
+    """Several cells written one after the other (e.g. text around a number)."""
+    parts: list
+    kind: str = "parts"
+
+
+@dataclass
+class Table:
+    """rows of cells (str, Num, CI, Code, Parts); columns from `numeric_from` on are right-aligned numbers."""
+    header: list
+    rows: list
+    numeric_from: int = 1
+    note: str = ""  # said above the table
+
+
+@dataclass
+class Figure:
+    src: str  # a data URI
+    caption: str
+
+
+@dataclass
+class Grid:
+    """Figures side by side (they stack in a narrow window); wide ones each take the page's width."""
+    figures: list = field(default_factory=list)
+    wide: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- how numbers and names are written
 
 def fmt(value) -> str:
-    """How the page writes a number: integers as they are, everything else with 4 decimals (like the summary)."""
+    """How the page writes a number from metrics.json: integers as they are, everything else with 4 decimals."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
+
+def short(text: str) -> str:
+    """A number read from a CSV, as a reader needs it: integers as they are, others with 3 decimals (tiny ones in
+    scientific notation rather than as 0.000); anything that is not a number unchanged."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if re.fullmatch(r"-?\d+", text.strip()) or not math.isfinite(value):
+        return text
+    return f"{value:.3f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def learning_rate(value: float) -> str:
+    return f"{value:.2e}"
+
+
+def history_cell(column: str, text: str | None) -> str:
+    """A history.csv value: the learning rate in scientific notation, seconds to a tenth, others as metrics."""
+    if not text:
+        return "–"
+    value = float(text)
+    return learning_rate(value) if column == "lr" else f"{value:.1f}" if column == "seconds" else fmt(value)
+
+
+def same_as_default(value, default) -> bool:
+    """Equal, or the default folder made absolute (driver.py stores paths so that predict.py runs from anywhere)."""
+    if value == default:
+        return True
+    if isinstance(value, str) and isinstance(default, str) and default and Path(value).is_absolute():
+        tail = Path(default).parts
+        return not Path(default).is_absolute() and Path(value).parts[-len(tail):] == tail
+    return False
+
+
+def readable(name: str) -> str:
+    """A metrics.json or CSV key as a heading: precision_at_1 → precision@1, hub_share@5 → hub share@5."""
+    if name in READABLE:
+        return READABLE[name]
+    words = re.sub(r"_at_(\w+)$", r"@\1", name).split("_")
+    return " ".join(WORDS.get(w, w) for w in words)
+
+
+# ---------------------------------------------------------------- files of a run folder
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -36,27 +143,38 @@ def data_uri(path: Path) -> str:
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def figure(path: Path, caption: str) -> str:
-    return (f'<figure><img src="{data_uri(path)}" alt="{esc(caption)}">'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+def figure(path: Path, caption: str) -> Figure:
+    return Figure(data_uri(path), caption)
 
 
-def table(header, rows, numeric_from: int = 1) -> str:
-    """rows hold HTML already escaped; columns from `numeric_from` on are right-aligned numbers."""
-    def cells(row, tag):
-        return "".join(f'<{tag}{" class=n" if i >= numeric_from else ""}>{c}</{tag}>' for i, c in enumerate(row))
-    body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in rows)
-    return f'<div class="wrap"><table><tr>{cells(header, "th")}</tr>{body}</table></div>'
+def csv_table(rows: list[dict], what: str, numeric_from: int = 1) -> Table:
+    """The first SHOWN_ROWS rows of a CSV, numbers shortened; `what` names it in the line above the table."""
+    shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else plural(len(rows), "row")
+    return Table([readable(c) for c in rows[0]], [[short(v) for v in r.values()] for r in rows[:SHOWN_ROWS]],
+                 numeric_from, note=f"{what}: {shown}.")
 
+
+def timings(t: dict) -> dict:
+    """timings.json: each phase ("group.step") and each group's total, as the program measured them ({}: none)."""
+    phases = t.get("phases") or []
+    if not phases:
+        return {}
+    groups = {}
+    for p in phases:
+        group = str(p.get("name", "")).split(".")[0]
+        groups[group] = groups.get(group, 0.0) + float(p.get("seconds", 0.0))
+    rows = [[Code(str(p.get("name", ""))), str(p.get("note", "")), f"{float(p.get('seconds', 0.0)):.1f}"]
+            for p in phases]
+    total = t.get("total_seconds")
+    return dict(phases=Table(["phase", "note", "seconds"], rows, numeric_from=2),
+                groups=Table(["group", "seconds"], [[g, f"{s:.1f}"] for g, s in groups.items()]),
+                total=f"{total:.1f} s ({total / 60:.1f} min)" if is_number(total) else "")
+
+
+# ---------------------------------------------------------------- walking metrics.json
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def csv_table(rows: list[dict], title: str) -> str:
-    shown = f"the first {SHOWN_ROWS} of {len(rows)} rows" if len(rows) > SHOWN_ROWS else f"{len(rows)} rows"
-    return (f"<p>{esc(title)}: {shown}.</p>"
-            + table(list(rows[0]), [[esc(v) for v in r.values()] for r in rows[:SHOWN_ROWS]]))
 
 
 def number_groups(value: dict, path=()):

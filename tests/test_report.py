@@ -3,6 +3,7 @@ training, the hooks that write it (end of epoch, end of run, predict.py), and a 
 import base64
 import json
 import math
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -32,13 +33,18 @@ class Page(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.headings, self.numbers, self.images, self.text = [], [], [], []
+        self.links, self.sections, self.tags, self.where = [], [], [], []
         self._h2, self._key, self._section = False, None, None
         self.feed(text)
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
+        self.tags.append(tag)
         if tag == "section":
             self._section = attrs["id"]
+            self.sections.append(attrs["id"])
+        if tag == "a":
+            self.links.append(attrs["href"])
         self._h2 = tag == "h2"
         self._key = attrs.get("data-key") if tag == "span" else None
         if tag == "img":
@@ -49,9 +55,12 @@ class Page(HTMLParser):
             self._h2 = False
         if tag == "span":
             self._key = None
+        if tag == "section":
+            self._section = None
 
     def handle_data(self, data):
         self.text.append(data)
+        self.where.append(self._section)
         if self._h2:
             self.headings.append(data)
         if self._key:
@@ -174,8 +183,8 @@ def test_report_of_a_run_still_training(tmp_path):
     webreport.write_report(run, training=True)
     page = read_page(run)
     text = " ".join(page.text)
-    assert page.headings == SECTIONS and page.numbers == []
-    assert "Still training: 1 of 6 epochs done" in text and "Not evaluated yet" in text
+    assert page.headings == SECTIONS[:2] and page.numbers == []  # no empty sections for what comes later
+    assert "Still training: 1 of 6 epochs done" in text and "val/test results appear when training ends" in text
     assert len(page.images) == 4  # the history plots
 
 
@@ -193,6 +202,159 @@ def test_end_of_epoch_writes_the_report_while_training(tmp_path):
     page = read_page(tmp_path)
     assert "Still training: 1 of 3 epochs done" in " ".join(page.text)
     assert "0.6250" in page.text  # val AUROC of the epoch, from history.csv
+
+
+def section_text(page: Page, section: str) -> list[str]:
+    """The text of one section, piece by piece (as parsed), without the whitespace between elements."""
+    return [text.strip() for text, where in zip(page.text, page.where) if where == section and text.strip()]
+
+
+def test_fields_cannot_break_the_page(tmp_path):
+    """Text from the run's files is escaped: markup in a field shows as text and opens no element."""
+    run = fake_run(tmp_path / "run")
+    evil = "</table><script>alert(1)</script>"
+    (run / "commands.txt").write_text(f"python driver.py --out '{evil}'\n")
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    metrics["threshold_chosen_on"] = evil
+    metrics["retrieval"]["distance"] = '"><b>bold</b>'
+    (run / "test" / "metrics.json").write_text(json.dumps(metrics))
+    (run / "test" / "neighbours.csv").write_text(f"isic_id,neighbour\n{evil},ISIC_1\n")
+    webreport.write_report(run)
+    html = (run / "report.html").read_text()
+    page = read_page(run)
+    assert "<script" not in html and "<b>" not in html
+    assert html.count("<table") == html.count("</table>") == page.tags.count("table")
+    text = "".join(page.text)
+    assert text.count(evil) == 3 and '"><b>bold</b>' in text  # shown as the text it is
+    assert page.headings == [*SECTIONS, "Similar lesions", "Other numbers in metrics.json"]
+
+
+def test_sections_and_navigation_agree(tmp_path):
+    run = fake_run(tmp_path / "run")
+    webreport.write_report(run)
+    page = read_page(run)
+    assert page.links == [f"#{key}" for key in page.sections]
+    assert page.sections == ["run", "curves", "summary", "plots", "embeddings", "gallery", "numbers"]
+
+
+def fake_predictions(tmp_path, skipped: bool = True):
+    """A run and a predict.py --images folder scored with it: 3 images, one flagged; 2 unreadable files skipped."""
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "new"
+    out.mkdir()
+    (out / "predictions.csv").write_text("isic_id,probability,predicted_malignant,knn_score\n"
+                                         "IMG_a,0.12345678901234567,0,0.2000000000000001\n"
+                                         "IMG_b,0.9876543210987654,1,0.8\nIMG_c,0.00001234,0,0.0\n")
+    (out / "neighbours.csv").write_text("isic_id,rank,neighbour,distance\nIMG_a,1,ISIC_9,0.31234567890123\n")
+    png(out / "similar.png")
+    if skipped:
+        (out / "skipped_images.csv").write_text("file,error\n/data/new/bomb.png,ValueError: too many pixels\n"
+                                                "/data/new/junk.jpg,UnidentifiedImageError: cannot identify\n")
+    (out / "commands.txt").write_text("python predict.py --run run --images /data/new --skip-bad-images\n")
+    webreport.write_report(out, run=run)
+    return out
+
+
+def test_report_of_unlabelled_images(tmp_path):
+    """predict.py --images: predictions and skipped files in their own sections, nothing empty, no test summary."""
+    page = read_page(fake_predictions(tmp_path))
+    text = " ".join(page.text)
+    assert page.headings == ["What was run", "Training curves", "Predictions", "Skipped images", "Similar lesions"]
+    assert "3 unlabelled images scored by the model of run run: 1 above the run's threshold; 2 unreadable files " \
+           "skipped." in text
+    assert "not evaluated" not in text and "Not drawn" not in text and "Test summary" not in text
+    predictions = section_text(page, "predictions")
+    assert predictions.index("IMG_b") < predictions.index("IMG_a") < predictions.index("IMG_c")  # most probable first
+    assert {"0.988", "0.123", "1.2e-05", "0.200", "yes"} <= set(predictions)
+    assert not any(re.fullmatch(r"\d\.\d{5,}", t) for t in page.text)  # no 16-digit probabilities anywhere
+    assert {"/data/new/bomb.png", "/data/new/junk.jpg"} <= set(section_text(page, "skipped"))
+    assert "0.312" in section_text(page, "similar")
+
+
+def test_no_skipped_section_without_skipped_files(tmp_path):
+    page = read_page(fake_predictions(tmp_path, skipped=False))
+    assert "Skipped images" not in page.headings and "unreadable" not in " ".join(page.text)
+
+
+def test_report_of_another_labelled_dataset(tmp_path):
+    """predict.py --data-dir: results under their own name, the dataset named, no run status."""
+    run = fake_run(tmp_path / "run")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({**split_metrics(0), "dataset": "/data/other.csv"}))
+    png(out / "roc.png")
+    webreport.write_report(out, run=run)
+    page = read_page(out)
+    text = " ".join(page.text)
+    assert page.headings == ["What was run", "Training curves", "Results", "ROC, precision-recall and calibration",
+                             "Other numbers in metrics.json"]
+    assert "18 labelled images evaluated by the model of run run." in text and "epochs trained" not in text
+    assert "/data/other.csv" in section_text(page, "run")
+
+
+def settings_rows(page: Page) -> dict:
+    """setting -> (value, source), from the settings table's cells."""
+    cells = section_text(page, "run")
+    start = cells.index("Settings that differ from the defaults") + 1
+    cells = cells[start + 4:cells.index("Library versions")]  # after the header row
+    return {cells[i]: (cells[i + 1], cells[i + 3]) for i in range(0, len(cells), 4)}
+
+
+def test_settings_say_which_were_given(tmp_path):
+    """cache_dir is 'given' only when typed; a default made absolute is no difference; a profile's value says so."""
+    run = fake_run(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    config.update(given=["demo", "img_size"], img_size=48, cache_dir=str(tmp_path / "cache"), workers=2)
+    (run / "config.json").write_text(json.dumps(config))
+    webreport.write_report(run)
+    rows = settings_rows(read_page(run))
+    assert "cache_dir" not in rows
+    assert rows["img_size"] == ("48", "given") and rows["demo"] == ("True", "given")
+    assert rows["backbone"] == ("resnet18", "profile demo") and rows["workers"] == ("2", "chosen by the program")
+    config.update(given=["cache_dir"], cache_dir=str(tmp_path / "elsewhere"))
+    (run / "config.json").write_text(json.dumps(config))
+    webreport.write_report(run)
+    assert settings_rows(read_page(run))["cache_dir"] == (str(tmp_path / "elsewhere"), "given")
+
+
+def test_history_shows_the_learning_rate(tmp_path):
+    run = fake_run(tmp_path / "run", evaluated=False)
+    (run / "history.csv").write_text(HISTORY + "1,1.5,1.4,0.6,0.05,0.7,3e-06,2.5\n2,1.2,1.1,0.7,0.06,0.7,0.0003,2.5\n")
+    webreport.write_report(run)
+    cells = section_text(read_page(run), "curves")
+    assert "learning rate" in cells and "3.00e-06" in cells and "3.00e-04" in cells and "0.0000" not in cells
+
+
+def test_timings_by_phase_and_group(tmp_path):
+    run = fake_run(tmp_path / "run")
+    (run / "timings.json").write_text(json.dumps({"phases": [
+        {"name": "data.cache", "seconds": 12.3, "note": "740 images, 61 images/s"},
+        {"name": "data.split", "seconds": 0.25},
+        {"name": "training.epochs", "seconds": 250.0, "note": "<b>6 epochs</b>"},
+        {"name": "evaluation", "seconds": 40.0}], "total_seconds": 312.0}))
+    webreport.write_report(run)
+    page = read_page(run)
+    assert page.headings[-2:] == ["Timings", "Other numbers in metrics.json"]
+    cells = section_text(page, "timings")
+    assert "Total: 312.0 s (5.2 min)." in cells and "<b>6 epochs</b>" in cells
+    groups = cells[cells.index("By group (the part of a phase's name before the first dot):") + 3:]
+    assert groups[:6] == ["data", "12.6", "training", "250.0", "evaluation", "40.0"]
+    assert ["data.cache", "740 images, 61 images/s", "12.3"] == cells[cells.index("data.cache"):][:3]
+
+
+def test_every_retrieval_number_is_in_the_summary(tmp_path):
+    """New retrieval keys appear in the summary with readable names, whatever they are."""
+    run = fake_run(tmp_path / "run")
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    metrics["retrieval"].update({"visual_agreement@5": 0.6125, "hub_share@5": 0.25, "hub_max@5": 7,
+                                 "per_patient": {"same_patient_at_5": 0.125}})
+    (run / "test" / "metrics.json").write_text(json.dumps(metrics))
+    webreport.write_report(run)
+    page = check_numbers(run)  # every number shown, these ones in the summary (SUMMARY_KEYS holds "retrieval")
+    cells = section_text(page, "summary")
+    assert {"visual agreement@5", "hub share@5", "hub max@5", "same patient@5", "precision@1", "R-precision",
+            "per class malignant"} <= set(cells)
+    assert cells[cells.index("visual agreement@5") + 1] == "0.6125"
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)

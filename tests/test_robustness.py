@@ -285,3 +285,6 @@ def test_predict_skips_bad_images_and_lists_them(disk_full_run, tmp_path, capsys
     predictions = pd.read_csv(tmp_path / "p" / "predictions.csv")
     assert list(predictions["isic_id"]) == [p.stem for p in good]
     assert predictions["probability"].between(0, 1).all()
+    skipped = pd.read_csv(tmp_path / "p" / "skipped_images.csv")  # listed on report.html
+    assert list(skipped["file"]) == [str(folder / "bomb.png"), str(folder / "junk.jpg")]
+    assert str(folder / "junk.jpg") in (tmp_path / "p" / "report.html").read_text()
