@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import ImageDataset, load_images
-from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
+from explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
 from inference import Predictions, score
 from metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
 from metrics import auroc, partial_auc, youden_threshold
@@ -92,8 +92,9 @@ def write_labelled_set(out_dir, scorings: dict, refs: References, model, dataset
     y, p = plain.pred.targets, plain.pred.probabilities
     cases = gallery_cases(y, p, plain.threshold)
     write_gallery(model, dataset, ids, plain.pred, plain.threshold, out_dir / "gallery.png", device, cases)
-    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, p)]
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions, y)
+    captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, p)]
+    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, similar_cases(cases, y, s.seed), dataset, captions,
+                    y)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, ids, out_dir, s, extra, groups, prevalence, resamples)
 
@@ -122,7 +123,7 @@ def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: 
 
 def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False, extra_csv=None) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
-    neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
+    neighbours.csv, and similar.png for the first images (sorted by file name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -150,9 +151,8 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
         columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
         columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
     plain = scorings["plain"]
-    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
-    cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
-    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
+    captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
+    write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, image_cases(len(ids)), dataset, captions)
     result = pd.DataFrame(columns)
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
