@@ -36,7 +36,7 @@ def _curves(history, columns: dict, ylabel: str, path, title: str) -> None:
         if column in history:
             ax.plot(history["epoch"], history[column], marker="o", label=label)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
@@ -67,7 +67,7 @@ def pairs_plot(history, path) -> None:
         ax.plot(history["epoch"], history[f"train_pos_{kind}"], marker="o", label="positive pairs (same label)")
         ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker="o", label="negative pairs")
         ax.set(xlabel="epoch", ylabel=ylabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left" if kind == "active" else "best")  # positives often sit at 1.0, top right
     left.set(title="Active pairs in training batches", ylim=(-0.02, 1.02))
