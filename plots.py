@@ -84,8 +84,8 @@ def roc_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
     ax.axhspan(0.8, 1.0, color="tab:orange", alpha=0.1, label="TPR ≥ 0.8 (pAUC region)")
     ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "ro",
             label=f"threshold {threshold:.3f} (chosen on validation)")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title=f"ROC: {subject}", xlim=(0, 1),
-           ylim=(0, 1.01))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title=f"ROC: {subject}",
+           xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     save(fig, path)
 
