@@ -3,8 +3,7 @@
 last.pt holds the whole training state: the weights, their moving average, the optimiser, schedule and scaler, the
 epoch's record and every random state (train.TrainingState.state_dict); resuming needs this exact format. best.pt holds
 only what scoring needs (evaluation_checkpoint): the weights that were validated, the settings and the epoch, a quarter
-of the size. Any checkpoint whose weights fit the model evaluates, so a best.pt holding a full state (as older runs
-wrote it) still does.
+of the size. Any checkpoint whose weights fit the model evaluates, a best.pt holding a full training state too.
 """
 from __future__ import annotations
 
