@@ -1,8 +1,9 @@
 """Checkpoints: plain-typed dicts saved atomically, loaded with weights_only, with a format version for resuming.
 
-A checkpoint holds the weights, their moving average, the optimiser, schedule and scaler, the epoch's record and every
-random state (train.TrainingState.state_dict). Evaluation needs only the weights, so any checkpoint whose weights fit
-the model evaluates; resuming needs this exact format.
+last.pt holds the whole training state: the weights, their moving average, the optimiser, schedule and scaler, the
+epoch's record and every random state (train.TrainingState.state_dict); resuming needs this exact format. best.pt holds
+only what scoring needs (evaluation_checkpoint): the weights that were validated, the settings and the epoch, a quarter
+of the size. Any checkpoint whose weights fit the model evaluates, a best.pt holding a full training state too.
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def require_resumable(checkpoint: dict, path) -> None:
         age = "an older" if isinstance(found, int) and found < FORMAT else "another"
         raise UserError(f"{path} was written by {age} version of this pipeline (checkpoint format {found}, this one "
                         f"reads {FORMAT}) and cannot be resumed; its best.pt still evaluates with predict.py")
+
+
+def evaluation_checkpoint(checkpoint: dict) -> dict:
+    """best.pt: the validated weights (the moving average when the run kept one) under "model", with the settings and
+    the epoch's record; no optimiser, no second copy of the weights, no random states."""
+    return {"format": FORMAT, "contents": "evaluation", "model": evaluation_weights(checkpoint),
+            **{key: checkpoint[key] for key in ("epoch", "best", "settings", "precision")}}
 
 
 def evaluation_weights(checkpoint: dict) -> dict:

@@ -183,7 +183,11 @@ NOT_OUTCOME = {name for name, f in FIELDS.items() if not f.metadata["outcome"]}
 
 
 class Parser(argparse.ArgumentParser):
-    """Bad flags end with one line, like every other user error (argparse would print the whole usage first)."""
+    """Bad flags end with one line, like every other user error (argparse would print the whole usage first).
+    No abbreviations: argparse would take a mistyped `--epoch 1` for `--epochs 1`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -14,7 +14,7 @@ import torch
 from config import Settings
 import timings
 from dataset import ImageDataset, load_images
-from explain import FIRST_IMAGES, SIMILAR, gallery_cases, write_gallery, write_similar
+from explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
 from inference import Predictions, score
 from metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
 from metrics import auroc, partial_auc, youden_threshold
@@ -161,9 +161,10 @@ def write_labelled_set(run: LoadedRun, images: ImageSet, scorings: dict, refs: R
     with timings.phase("evaluation.gallery", note="Grad-CAM"):
         write_gallery(run.model, images.dataset, images.ids, plain.pred, plain.threshold, out_dir / "gallery.png",
                       run.device, cases)
-    captions = [f"{i}\nP={v:.3f}" for i, v in zip(images.ids, p)]
+    captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(images.ids, p)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
-        write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, cases, images.dataset, captions, y)
+        write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, similar_cases(cases, y, run.s.seed),
+                        images.dataset, captions, y)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, images.ids, out_dir, run.s, extra, images.patients, prevalence, run.resamples)
 
@@ -191,7 +192,7 @@ def evaluate_run(run: LoadedRun, data) -> dict:
 
 def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
-    neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
+    neighbours.csv, and similar.png for the first images (sorted by file name)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -217,10 +218,9 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFr
     refs = run.references()
     scorings = score_views(run, dataset, refs, read_val_metrics(run), labelled=False)
     plain = scorings["plain"]
-    captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
-    cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
+    captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
-        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, cases, dataset, captions)
+        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions)
     result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings), "run_split": held})
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result

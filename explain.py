@@ -15,7 +15,10 @@ from utils import UserError
 
 GALLERY = 4  # cases per row of gallery.png
 SIMILAR = 5  # training lesions beside each image in similar.png
+CONFIDENT = 2  # similar.png: the gallery's most confident cases of each kind...
+TYPICAL = 3  # ... then this many queries per class drawn at random (seeded): what retrieval is like for most lesions
 FIRST_IMAGES = 12  # predict.py --images: similar.png shows the first 12 images (sorted by file name)
+SAME_IMAGE = 1e-3  # a neighbour nearer than this is the query itself (distinct lesions lie ~0.01 apart or more)
 
 
 MIN_CAM_CELLS = 4  # a coarser map cannot say where: at 64 px the last block (layer4) has only 2 x 2 cells
@@ -58,11 +61,12 @@ def grad_cam(model, images, metadata=None) -> torch.Tensor:
 
 
 def cam_note(size: int) -> str:
+    """The caption under gallery.png: how coarse the heat maps are, in plain words."""
     name, stride = cam_layer(size)
     cells = size // stride
-    why = f"; the last block has only {size // 32} x {size // 32}" if name != "layer4" else ""
-    return (f"Grad-CAM of the malignant logit at trunk.{name}: {cells} x {cells} cells at {size} px{why}; "
-            f"each cell drawn at its receptive field's centre")
+    return (f"The heat maps are coarse: at {size} px the network's map (Grad-CAM at trunk.{name}) has only {cells} x "
+            f"{cells} cells, each {stride} px wide, smoothed for display. They show roughly where the score came from, "
+            "not which structure (network, dots, border) caused it.")
 
 
 def gallery_cases(y, p, threshold: float, n: int = GALLERY) -> dict:
@@ -70,8 +74,25 @@ def gallery_cases(y, p, threshold: float, n: int = GALLERY) -> dict:
     called = p >= threshold
     most = np.argsort(-p, kind="stable")  # most melanoma-like first
     pick = lambda mask, order: [int(i) for i in order if mask[i]][:n]  # noqa: E731
-    return {"true positives": pick((y == 1) & called, most), "false positives": pick((y == 0) & called, most),
-            "false negatives": pick((y == 1) & ~called, most[::-1])}
+    return {"malignant, called malignant (true positives)": pick((y == 1) & called, most),
+            "benign, called malignant (false positives)": pick((y == 0) & called, most),
+            "malignant, called benign (false negatives)": pick((y == 1) & ~called, most[::-1])}
+
+
+def similar_cases(confident: dict, y, seed: int) -> dict:
+    """similar.png's queries: the CONFIDENT most confident of each of gallery_cases' kinds, then TYPICAL of each class
+    drawn at random with `seed`, so that the figure also shows retrieval for ordinary lesions."""
+    cases = {title.split(" (")[0]: found[:CONFIDENT] for title, found in confident.items()}
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(plots.CLASSES):
+        pool = np.flatnonzero(np.asarray(y) == label)
+        cases[f"{name}, at random"] = sorted(int(i) for i in rng.choice(pool, min(TYPICAL, len(pool)), replace=False))
+    return cases
+
+
+def image_cases(n: int) -> dict:
+    """similar.png's queries for predict.py --images: the first FIRST_IMAGES images by file name."""
+    return {"new image": list(range(min(FIRST_IMAGES, n)))}
 
 
 def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path, device, cases: dict | None = None,
@@ -86,9 +107,10 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
             metadata = torch.as_tensor(dataset.metadata[cases], device=device)
             cams = grad_cam(model.eval(), images, metadata).cpu().numpy()
             images = images.permute(0, 2, 3, 1).cpu().numpy()
-        rows[title] = [(images[j], cams[j], f"{ids[i]}\nP={p[i]:.3f}") for j, i in enumerate(cases)]
-    plots.gallery_plot(rows, path, "Most confident cases (left: image with P(melanoma), right: Grad-CAM)\n"
-                           + cam_note(dataset[0][0].shape[-1]))
+        rows[title] = [(images[j], cams[j], f"{ids[i]}\nP(melanoma) {p[i]:.3f}") for j, i in enumerate(cases)]
+    plots.gallery_plot(rows, path, "Where the model looked in its most confident right and wrong calls\n"
+                       "(each case: the image with P(melanoma), then the regions that raised that score)",
+                       cam_note(dataset[0][0].shape[-1]))
 
 
 def as_picture(image: torch.Tensor) -> np.ndarray:
@@ -110,9 +132,10 @@ def training_images(s, ids) -> dict | None:
 
 
 def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs, s, path) -> None:
-    """similar.png: each case of `cases` ({title: [indices into dataset]}) beside its nearest training lesions
-    (`rows`, `distances`: one row of neighbour indices and distances per image), malignant ones framed."""
-    chosen = [(title, i) for title, indices in cases.items() for i in indices]
+    """similar.png: each case of `cases` ({heading: [indices into dataset]}) beside its nearest training lesions
+    (`rows`, `distances`: one row of neighbour indices and distances per image). `labels` None: unlabelled images."""
+    chosen = [(f"{title} {k} of {len(indices)}", i) for title, indices in cases.items()
+              for k, i in enumerate(indices, 1)]
     if not chosen:
         print(f"{path} not drawn: no cases to show")
         return
@@ -122,13 +145,19 @@ def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs,
         print(f"{path} not drawn: the run's training images are no longer at {s.data_dir or s.image_dir}")
         return
     figure_rows = []
-    for title, i in chosen:
-        truth = None if labels is None else bool(labels[i])
-        query = (as_picture(dataset[i][0]), captions[i], truth)
-        neighbours = []
-        for j, d in zip(rows[i], distances[i]):
-            label = plots.CLASSES[int(refs.targets[j])] + (f" ({refs.diagnosis[j]})" if refs.diagnosis[j] else "")
-            neighbours.append((images[refs.ids[j]], f"{refs.ids[j]}\n{label}\nd={d:.3f}", bool(refs.targets[j])))
-        figure_rows.append((title, query, neighbours))
-    plots.similar_plot(figure_rows, path, f"distance: L2 between {'L2-normalised ' if s.normalize_embeddings else ''}"
-                       f"embeddings (plain, no TTA); malignant framed in red")
+    for heading, i in chosen:
+        truth = "label unknown" if labels is None else f"label: {plots.CLASSES[int(labels[i])]}"
+        neighbours = [(images[refs.ids[j]], neighbour_caption(refs, j, d), bool(refs.targets[j]),
+                       "same image as this\ntraining image" if d < SAME_IMAGE else "")
+                      for j, d in zip(rows[i], distances[i])]
+        figure_rows.append((heading, (as_picture(dataset[i][0]), f"{captions[i]}\n{truth}"), neighbours))
+    space = f"L2 distance between {'L2-normalised ' if s.normalize_embeddings else ''}embeddings (0 = identical" + \
+        (", 2 = opposite)" if s.normalize_embeddings else ")")
+    plots.similar_plot(figure_rows, path, "Each query (left of the line) beside its nearest lesions of the training "
+                       f"split, nearest first\nd: {space}; labels from the metadata (biopsy or follow-up)")
+
+
+def neighbour_caption(refs, j: int, distance: float) -> str:
+    """Id, label (and diagnosis when known), distance."""
+    label = plots.CLASSES[int(refs.targets[j])] + (f" ({refs.diagnosis[j]})" if refs.diagnosis[j] else "")
+    return f"{refs.ids[j]}\n{label}\nd={distance:.3f}"

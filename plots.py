@@ -6,6 +6,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
@@ -16,8 +21,10 @@ from utils import atomic_path  # noqa: E402
 CLASSES = ["benign", "malignant"]
 
 
-def save(fig, path) -> None:
-    fig.tight_layout()
+def save(fig, path, tight: bool = True) -> None:
+    """tight=False for figures laid out by hand (a colour bar, a legend or gaps placed in figure coordinates)."""
+    if tight:
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -29,6 +36,7 @@ def _curves(history, columns: dict, ylabel: str, path, title: str) -> None:
         if column in history:
             ax.plot(history["epoch"], history[column], marker="o", label=label)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
@@ -59,6 +67,7 @@ def pairs_plot(history, path) -> None:
         ax.plot(history["epoch"], history[f"train_pos_{kind}"], marker="o", label="positive pairs (same label)")
         ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker="o", label="negative pairs")
         ax.set(xlabel="epoch", ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend(loc="lower left" if kind == "active" else "best")  # positives often sit at 1.0, top right
     left.set(title="Active pairs in training batches", ylim=(-0.02, 1.02))
@@ -66,7 +75,8 @@ def pairs_plot(history, path) -> None:
     save(fig, path)
 
 
-def roc_plot(y, p, threshold: float, metrics: dict, path) -> None:
+def roc_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
+    """subject: what was scored, in the title (e.g. "test split", or an ensemble's description)."""
     fpr, tpr, _ = roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot(fpr, tpr, label=f"AUROC {metrics['auroc']:.3f}, pAUC {metrics['pauc']:.3f}")
@@ -74,15 +84,16 @@ def roc_plot(y, p, threshold: float, metrics: dict, path) -> None:
     ax.axhspan(0.8, 1.0, color="tab:orange", alpha=0.1, label="TPR ≥ 0.8 (pAUC region)")
     ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "ro",
             label=f"threshold {threshold:.3f} (chosen on validation)")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title=f"ROC: {subject}",
+           xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(loc="lower right", fontsize=8)
     save(fig, path)
 
 
-def confusion_plot(matrix, threshold: float, path) -> None:
+def confusion_plot(matrix, threshold: float, path, subject: str) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4))
     ConfusionMatrixDisplay(np.asarray(matrix), display_labels=CLASSES).plot(ax=ax, cmap="Blues", colorbar=False)
-    ax.set_title(f"Confusion matrix (threshold {threshold:.3f})")
+    ax.set_title(f"Confusion matrix: {subject}\n(threshold {threshold:.3f})")
     save(fig, path)
 
 
@@ -101,8 +112,10 @@ def tsne_sample(y, points: int = TSNE_POINTS, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate([malignant, benign]))
 
 
-def embeddings_plot(embeddings, y, path, seed: int = 0, tsne: bool = True) -> None:
-    """PCA of the embeddings (and t-SNE of at most TSNE_POINTS of them), coloured by class; malignant drawn on top."""
+def embeddings_plot(embeddings, y, path, subject: str, seed: int = 0, tsne: bool = True) -> None:
+    """PCA of the embeddings of `subject` (e.g. "val split") and t-SNE of at most TSNE_POINTS of them, coloured by
+    class; malignant drawn on top so they stay visible. The axes are the projection's own: only nearness in the
+    picture means anything."""
     y = np.asarray(y)
     panels = [("PCA", PCA(n_components=2, random_state=seed).fit_transform(embeddings), np.arange(len(y)))]
     if tsne and len(embeddings) > 5:
@@ -116,24 +129,27 @@ def embeddings_plot(embeddings, y, path, seed: int = 0, tsne: bool = True) -> No
             chosen = y[rows] == label
             ax.scatter(points[chosen, 0], points[chosen, 1], s=8, alpha=0.6, c=colour,
                        label=f"{CLASSES[label]} ({chosen.sum()})")
-        sampled = f" (a sample of {len(rows)} of {len(y)})" if len(rows) < len(y) else ""
-        ax.set_title(f"{name} of test embeddings{sampled}", fontsize=10 if sampled else None)
+        sampled = f"\n(a sample of {len(rows)} of {len(y)})" if len(rows) < len(y) else ""
+        axis = "component" if name == "PCA" else "dimension"
+        ax.set(title=f"{name} of the embeddings: {subject}{sampled}", xlabel=f"{name} {axis} 1",
+               ylabel=f"{name} {axis} 2")
         ax.legend()
     save(fig, path)
 
 
-def pr_plot(y, p, threshold: float, metrics: dict, path) -> None:
+def pr_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
     precision, recall, _ = precision_recall_curve(y, p)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.step(recall, precision, where="post", label=f"average precision {average_precision_score(y, p):.3f}")
     ax.axhline(np.mean(y), color="k", ls="--", lw=0.8, label=f"chance (prevalence {np.mean(y):.3f})")
     ax.plot(metrics["sensitivity"], metrics["precision"], "ro", label=f"threshold {threshold:.3f} (chosen on validation)")
-    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title="Precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall: {subject}", xlim=(0, 1),
+           ylim=(0, 1.01))
     ax.legend(loc="upper right", fontsize=8)
     save(fig, path)
 
 
-def calibration_plot(y, probabilities: dict, path, bins: int = 10) -> None:
+def calibration_plot(y, probabilities: dict, path, subject: str, bins: int = 10) -> None:
     """Reliability diagram (observed malignant rate per probability bin) above a histogram of the probabilities."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=[3, 1.2], sharex=True)
     top.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
@@ -141,56 +157,78 @@ def calibration_plot(y, probabilities: dict, path, bins: int = 10) -> None:
         observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
         top.plot(predicted, observed, marker="o", label=label)
         bottom.hist(p, bins=bins, range=(0, 1), histtype="step", lw=1.5, label=label)
-    top.set(ylabel="observed malignant rate", title="Reliability diagram", xlim=(0, 1), ylim=(0, 1.01))
+    top.set(ylabel="observed malignant rate", title=f"Reliability diagram: {subject}", xlim=(0, 1),
+            ylim=(0, 1.01))
     top.legend(loc="upper left", fontsize=8)
     bottom.set(xlabel="predicted probability of melanoma", ylabel="images", yscale="log")
     save(fig, path)
 
 
-def similar_plot(rows: list, path, note: str = "") -> None:
-    """rows: (title, query, neighbours); query (image, caption, malignant or None when unknown); neighbours a list of
-    (image, caption, malignant), nearest first. Images (H, W, 3) in [0, 1]; malignant ones get a red frame."""
-    columns = 1 + max([len(n) for _, _, n in rows] + [1])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.75 * columns + 0.4, 2.0 * len(rows)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (title, query, neighbours) in enumerate(rows):
-        for c, (image, caption, malignant) in enumerate([query, *neighbours]):
-            ax = axes[r, c]
-            ax.axis("on")
-            ax.imshow(image)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set(color="red" if malignant else "0.75", linewidth=3.5 if malignant else 0.8)
-            ax.text(0.02, 0.98, caption, transform=ax.transAxes, va="top", fontsize=6, color="white",
-                    bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
-        axes[r, 0].set_title(title, loc="left", fontsize=8, fontweight="bold")
-    fig.suptitle("Each image (left) beside its nearest training-split lesions" + (f"; {note}" if note else ""),
-                 fontsize=8)
-    save(fig, path)
+FRAMES = {True: ("tab:red", 3.0, "training lesion: malignant"), False: ("tab:blue", 1.5, "training lesion: benign")}
 
 
-def gallery_plot(rows: dict, path, title: str) -> None:
-    """rows: title -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Image, then overlay;
-    `title` says how the heat maps were made (which block, how many cells)."""
-    fig = _cam_rows(rows, title_space=0.3)
-    fig.suptitle(title, fontsize=8)
-    save(fig, path)
+def similar_plot(rows: list, path, title: str) -> None:
+    """rows: (heading, query, neighbours). query: (image, caption); neighbours: (image, caption, malignant, warning),
+    nearest first; warning: "" or a line shown on a yellow band. Images (H, W, 3) in [0, 1]. A line separates each
+    query from its neighbours; a neighbour's frame colour is its training label (the legend says which), and its
+    caption names it too. The query's label is in its caption alone: one colour, one meaning."""
+    columns = max([len(n) for _, _, n in rows] + [1])
+    height = 2.05 * len(rows) + 1.0  # inches: a row of images with its heading, then the title and legend on top
+    fig = plt.figure(figsize=(1.7 * (columns + 1.3), height))
+    grid = fig.add_gridspec(len(rows), columns + 2, width_ratios=[1, 0.3] + [1] * columns, left=0.01, right=0.99,
+                            top=1 - 0.95 / height, bottom=0.1 / height, hspace=0.3, wspace=0.06)
+    for r, (heading, query, neighbours) in enumerate(rows):
+        ax = _picture(fig.add_subplot(grid[r, 0]), *query, frame=("black", 1.5))
+        ax.text(0, 1.03, heading, transform=ax.transAxes, fontsize=8, fontweight="bold", va="bottom")
+        divider = fig.add_subplot(grid[r, 1])
+        divider.axis("off")
+        divider.add_line(Line2D([0.5, 0.5], [0.02, 0.98], color="0.35", lw=1.2))
+        for c, (image, caption, malignant, warning) in enumerate(neighbours):
+            ax = _picture(fig.add_subplot(grid[r, c + 2]), image, f"{c + 1}. {caption}", frame=FRAMES[malignant][:2])
+            if warning:
+                ax.text(0.03, 0.03, warning, transform=ax.transAxes, va="bottom", fontsize=6, fontweight="bold",
+                        bbox=dict(facecolor="yellow", alpha=0.9, pad=1, lw=0))
+    fig.suptitle(title, fontsize=8, y=1 - 0.08 / height, va="top")
+    handles = [Patch(facecolor="none", edgecolor=colour, lw=lw, label=label) for colour, lw, label in FRAMES.values()]
+    fig.legend(handles=handles + [Patch(facecolor="none", edgecolor="black", lw=1.5, label="query (label in caption)")],
+               loc="upper center", bbox_to_anchor=(0.5, 1 - 0.4 / height), ncol=3, fontsize=7, frameon=False)
+    save(fig, path, tight=False)
 
 
-def _cam_rows(rows: dict, title_space: float = 0.0):
-    """The figure both galleries draw: a row per title, each case as its image then its Grad-CAM overlay."""
+def _picture(ax, image, caption: str, frame: tuple):
+    """An image without ticks, framed (colour, line width), its caption on a dark band in the top-left corner."""
+    ax.imshow(image)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set(color=frame[0], linewidth=frame[1])
+    ax.text(0.03, 0.97, caption, transform=ax.transAxes, va="top", fontsize=6, color="white",
+            bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
+    return ax
+
+
+def gallery_plot(rows: dict, path, title: str, caption: str) -> None:
+    """rows: heading -> list of (image (H, W, 3) in [0, 1], Grad-CAM (H, W) in [0, 1], caption). Each case as its image,
+    then its heat map over it; a colour bar under the rows, `caption` (how coarse the maps are) under it."""
     columns = 2 * max([len(cases) for cases in rows.values()] + [1])
-    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, 2.1 * len(rows) + title_space), squeeze=False)
+    height = 2.1 * len(rows) + 1.5  # inches: the rows, then the title on top and the colour bar and caption below
+    fig, axes = plt.subplots(len(rows), columns, figsize=(1.8 * columns, height), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.55 / height, bottom=1.0 / height, hspace=0.3, wspace=0.05)
     for ax in axes.flat:
         ax.axis("off")
-    for r, (title, cases) in enumerate(rows.items()):
-        axes[r, 0].set_title(title if cases else f"{title}: none", loc="left", fontsize=9, fontweight="bold")
-        for c, (image, cam, caption) in enumerate(cases):
+    for r, (heading, cases) in enumerate(rows.items()):
+        axes[r, 0].set_title(heading if cases else f"{heading}: none", loc="left", fontsize=9, fontweight="bold")
+        for c, (image, cam, text) in enumerate(cases):
             axes[r, 2 * c].imshow(image)
-            axes[r, 2 * c].text(0.02, 0.98, caption, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
+            axes[r, 2 * c].text(0.02, 0.98, text, transform=axes[r, 2 * c].transAxes, va="top", fontsize=7,
                                 color="white", bbox=dict(facecolor="black", alpha=0.6, pad=1, lw=0))
             axes[r, 2 * c + 1].imshow(image)
             axes[r, 2 * c + 1].imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    return fig
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / height, va="top")
+    bar = fig.add_axes((0.3, 0.62 / height, 0.4, 0.12 / height))
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), cax=bar, orientation="horizontal",
+                 label="how much the region raised the melanoma score (1: the most in this image)")
+    bar.tick_params(labelsize=7)
+    bar.xaxis.label.set_fontsize(8)
+    fig.text(0.5, 0.08 / height, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+    save(fig, path, tight=False)

@@ -80,20 +80,36 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
                               "threshold_chosen_on": "val with TTA (Youden's J)"}
     write_csv(out_dir / "predictions.csv", pd.DataFrame(columns))
     write_text(out_dir / "classification_report.txt", classification_report(y, p, threshold))
+    subject = figure_subject(extra)
     with timings.phase("evaluation.plots", note="roc, pr, calibration, confusion matrix"):
         if len(np.unique(y)) == 2:
-            plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png")
-            plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png")
+            plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png", subject)
+            plots.pr_plot(y, p, threshold, metrics, out_dir / "pr.png", subject)
         if len(np.unique(y)) == 2 and plain.is_probability:
             plots.calibration_plot(y, {"raw (50% training prior)": p, f"prior-corrected ({100 * prevalence:.1f}%)":
-                                       prior_probability(plain.pred, prevalence)}, out_dir / "calibration.png")
-        plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png")
+                                       prior_probability(plain.pred, prevalence)}, out_dir / "calibration.png", subject)
+        plots.confusion_plot(metrics["confusion_matrix"], threshold, out_dir / "confusion_matrix.png", subject)
     if plain.pred.embeddings.shape[1]:  # an ensemble of runs has no one embedding space
         with timings.phase("evaluation.tsne" if s.tsne else "evaluation.pca", note="embeddings.png"):
-            plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png",
+            plots.embeddings_plot(embedding_space(plain.pred.embeddings, s), y, out_dir / "embeddings.png", subject,
                                   seed=s.seed, tsne=s.tsne)  # the space the contrastive loss shaped
     write_json(out_dir / "metrics.json", metrics)  # last: its presence means the evaluation finished
     return metrics
+
+
+def figure_subject(extra: dict) -> str:
+    """What the figures of a labelled set show, for their titles: "val split", "test split", another dataset's folder,
+    or an ensemble of runs (with the split when known)."""
+    if "split" in extra:
+        scored = f"{extra['split']} split"
+    elif "dataset" in extra:
+        scored = Path(extra["dataset"]).parent.name or str(extra["dataset"])
+    else:
+        scored = ""
+    if "ensemble" not in extra:
+        return scored or "scored images"
+    runs = f"ensemble of {len(extra['ensemble']['runs'])} runs ({extra['ensemble']['how']})"
+    return f"{runs}, {scored}" if scored else runs
 
 
 def summary_line(m: dict, out_dir) -> str:

@@ -21,7 +21,7 @@ import plots
 import timings
 import webreport
 from augment import BatchAugment, to_float
-from checkpoints import FORMAT, save_checkpoint
+from checkpoints import FORMAT, evaluation_checkpoint, save_checkpoint
 from dataset import eval_loader, train_loader
 from devices import autocast_dtype
 from distributed import any_rank, is_main, rank, settle, step_failure, world_size
@@ -261,7 +261,7 @@ def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: flo
     improved = state.record(row, s.select_metric, s.epochs)
     checkpoint = state.state_dict(s)
     if improved:
-        save_checkpoint(out_dir / "best.pt", checkpoint)
+        save_checkpoint(out_dir / "best.pt", evaluation_checkpoint(checkpoint))
     save_checkpoint(out_dir / "last.pt", checkpoint)
     history = pd.DataFrame(state.history)
     write_csv(out_dir / "history.csv", history)

@@ -234,7 +234,8 @@ def table(results: list[dict]) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--cases", nargs="+", choices=sorted(CASES),
                    help="which cases (default: cpu18 cpu50, and cuda50 when a GPU is present)")
     p.add_argument("--compile", choices=["no", "yes", "both"], default="no",

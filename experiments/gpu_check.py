@@ -65,7 +65,8 @@ def summary(c: Check, done: list[Step], started: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--out", required=True, help="folder for summary.md, steps.log and the bench numbers")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="default cuda")
     p.add_argument("--tiny", action="store_true", help="tiny sizes (resnet18, 32 px, 120 images): a dry run")

@@ -57,7 +57,7 @@ def centroids(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("run")
     p.add_argument("--lesions", type=int, default=24)
     args = p.parse_args(argv)

@@ -73,3 +73,30 @@ def test_every_path_setting_is_stored_absolute(tmp_path, monkeypatch):
     paths = ("data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir")
     s = pipeline.new_settings({**{name: f"rel/{name}" for name in paths}, "out": "run"})
     assert {name: getattr(s, name) for name in paths} == {name: str(tmp_path / "rel" / name) for name in paths}
+class ParsedAnyway(Exception):
+    """Raised by what a program does after parsing its flags: the mistyped flag was accepted."""
+
+
+def parsed_anyway(*args, **kwargs):
+    raise ParsedAnyway
+
+
+# What each program does right after parsing is replaced where it would otherwise start real work.
+@pytest.mark.parametrize("program, argv, typo, after_parsing", [
+    ("driver", ["--epoch", "1"], "--epoch", "run"),
+    ("predict", ["--run", "no-such-run", "--spli", "val"], "--spli", "score_run"),
+    ("export", ["--run", "no-such-run", "--form", "onnx"], "--form", "load_run"),
+    ("experiments.crossval", ["--fold", "2"], "--fold", "find_layout"),  # driver.py's flags reach parse_cli
+    ("experiments.fold_ensemble", ["--fold", "2"], "--fold", "fold_ensemble"),
+    ("experiments.ablation", ["--seeds", "0", "1", "--ou", "x"], "--ou", "ablation"),
+    ("experiments.gradcam_check", ["no-such-run", "--lesion", "3"], "--lesion", "load_run"),
+    ("experiments.bench", ["--case", "cpu18"], "--case", "Path"),
+    ("experiments.gpu_check", ["--out", "x", "--tin"], "--tin", "Check"),
+])
+def test_an_abbreviated_flag_is_an_error(capsys, monkeypatch, program, argv, typo, after_parsing):
+    module = __import__(program, fromlist=["main"])
+    monkeypatch.setattr(module, after_parsing, parsed_anyway)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"unrecognized arguments: {typo}" in err, err
