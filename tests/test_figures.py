@@ -111,7 +111,7 @@ def test_similar_png_for_new_images(figures, monkeypatch, tmp_path):
     """--images: a heading per image, the query apart from its neighbours, a legend for the frame colours, and the
     neighbour at distance 0 flagged as the same image as a training image."""
     refs = References(np.array(["T0", "T1", "T2"], dtype=object), np.array([0, 1, 0]), np.array(["", "", ""], object),
-                      {}, "")
+                      {}, "", "float32")
     monkeypatch.setattr(explain, "training_images", lambda s, ids: {i: np.zeros((8, 8, 3)) for i in ids})
     distances = np.array([[0.0, 0.2, 0.3], [0.05, 0.1, 0.4]])
     rows = np.array([[1, 0, 2], [2, 1, 0]])
