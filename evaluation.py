@@ -18,6 +18,7 @@ from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from tabular import run_features
+from tensorboard_log import FOLDER as TENSORBOARD, add_projector
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
@@ -120,9 +121,11 @@ def evaluate_run(run_dir, s, model, data, device, tta: bool = False, resamples: 
     return evaluate_split(run_dir, "test", s, model, data, device, tta, resamples, references)
 
 
-def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False, extra_csv=None) -> pd.DataFrame:
+def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False, extra_csv=None,
+                   projector: bool = False) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
-    neighbours.csv, and similar.png for the first FIRST_IMAGES images (sorted by file name)."""
+    neighbours.csv, similar.png for the first FIRST_IMAGES images (sorted by file name), and with `projector` their
+    embeddings for TensorBoard's projector (OUT/tb)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -153,15 +156,18 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
     captions = [f"{i}\nP={v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     cases = {f"first {min(FIRST_IMAGES, len(ids))} images": list(range(min(FIRST_IMAGES, len(ids))))}
     write_retrieval(out_dir, refs, plain.pred.embeddings, ids, s, cases, dataset, captions)
+    if projector:
+        add_projector(Path(out_dir) / TENSORBOARD, "images", plain.pred, s, dataset, ids)
     result = pd.DataFrame(columns)
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
 
 
 def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device, tta: bool = False,
-                    resamples: int = BOOTSTRAP, extra_csv=None) -> dict:
+                    resamples: int = BOOTSTRAP, extra_csv=None, projector: bool = False) -> dict:
     """Every row of another labelled dataset, judged as the run's own test split: every scorer (with TTA when
-    asked) against the run's training split, with the threshold and k chosen on the run's val split."""
+    asked) against the run's training split, with the threshold and k chosen on the run's val split; with
+    `projector`, their embeddings for TensorBoard's projector (OUT/tb)."""
     csv_path, image_dir = find_layout(data_dir, csv, image_dir)
     frame = load_metadata(csv_path)
     if s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
@@ -175,6 +181,10 @@ def predict_dataset(data_dir, csv, image_dir, out_dir, run_dir, s, model, device
     refs = train_references(run_dir, model, s, device, tta)
     scorings = score_views(model, dataset, refs, s, device, tta, val)
     extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)"}
+    if projector:
+        part = join_columns(frame, csv_path, extra_csv).iloc[rows]  # with the diagnosis, where a CSV has one
+        add_projector(Path(out_dir) / TENSORBOARD, "dataset", scorings["plain"].pred, s, dataset, part["isic_id"],
+                      part["target"], part.get("diagnosis"), part["patient_id"])
     return write_labelled_set(out_dir, scorings, refs, model, dataset, frame["isic_id"].to_numpy()[rows], s, device,
                               extra, frame["patient_id"].to_numpy()[rows], resamples)
 

@@ -24,6 +24,7 @@ from modules import build_model
 from reports import summary_line
 from splits import write_splits
 from tabular import metadata_width, with_metadata
+from tensorboard_log import write_results
 from train import fit
 from webreport import record_command, write_report
 from utils import UserError, library_versions, seed_everything, set_deterministic, write_json, write_text
@@ -75,15 +76,16 @@ def run(given: dict) -> Path:
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     model = model.to(device).to(memory_format=torch.channels_last)
-    fit(model, data, s, out, device, resume_from=checkpoint)
+    state = fit(model, data, s, out, device, resume_from=checkpoint)
     if not is_main():
         return out  # rank 0 evaluates val and test alone, with the whole model
 
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
     metrics = evaluate_run(out, s, model, data, device, s.tta)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
+    write_results(out, s, model, data, device, step=state.scheduler.last_epoch + 1)
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, "
-          "train_embeddings.pt, val/, test/")
+          f"train_embeddings.pt, val/, test/{', tb/ (tensorboard --logdir)' if s.tensorboard else ''}")
     print(f"report: {write_report(out)}")  # the last line: the one page to open
     return out
 
