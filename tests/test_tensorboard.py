@@ -107,9 +107,10 @@ def test_steps_are_logged_at_the_host_syncs_from_host_values(tmp_path, monkeypat
         def steps(self, window):
             windows.append((self.scheduler.last_epoch, window))
             super().steps(window)
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
     with SummaryWriter(tmp_path) as writer:
-        train.train_one_epoch(model, batches, build_loss(s), optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                              lambda images: images, torch.device("cpu"), None, 1, 1, board=Recording(writer, scheduler))
+        train.train_one_epoch(model, batches, build_loss(s), optimizer, scheduler, no_scaling, lambda images: images,
+                              torch.device("cpu"), None, 1, 1, board=Recording(writer, scheduler))
     assert [step for step, _ in windows] == [2, 4, 5]
     assert all(isinstance(window, np.ndarray) and len(window) == n for (_, window), n in zip(windows, (2, 2, 1)))
     events = EventAccumulator(str(tmp_path))
@@ -251,19 +252,20 @@ def server(resumed_run):
 def test_a_tensorboard_server_serves_the_runs_scalars(server):
     url, out = server
     assert wait_for(lambda: "tb" in get(f"{url}/data/runs"))
-    query = lambda tag: f"{url}/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": "tb", "tag": tag})  # noqa: E731
-    served = wait_for(lambda: get(query("epoch/val_auroc")))
+    scalars_of = f"{url}/data/plugin/scalars/scalars?run=tb&tag="
+    served = wait_for(lambda: get(scalars_of + urllib.parse.quote("epoch/val_auroc", safe="")))
     history = pd.read_csv(out / "history.csv")
     np.testing.assert_allclose([value for _, _, value in served], history["val_auroc"], rtol=1e-6)
-    steps = [step for _, step, _ in get(query("step/loss"))]
+    steps = [step for _, step, _ in get(scalars_of + urllib.parse.quote("step/loss", safe=""))]
     assert steps == sorted(set(steps))  # the interrupted epoch's steps once, as in EventAccumulator
 
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium installed (chromium, chromium-browser, google-chrome)")
 @pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="no headless Chromium installed (chromium, chromium-browser, google-chrome)")
 @pytest.mark.slow
 def test_headless_chromium_draws_the_scalars_page(server, tmp_path):
     url, _ = server
