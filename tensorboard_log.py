@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import numbers
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ class Board:
     def epoch(self, row: dict) -> None:
         """Flushed at once: logged before last.pt records the epoch, so a resume never lacks it."""
         for name, value in row.items():
-            if name != "epoch":
+            if name != "epoch" and isinstance(value, numbers.Real):
                 self.writer.add_scalar(f"epoch/{name}", value, self.scheduler.last_epoch)
         self.writer.flush()
 
@@ -72,7 +73,8 @@ def training_board(out_dir, s, scheduler):
 
 def write_results(out_dir, s, model, data, device, step: int) -> None:
     """The end of a run, logged at `step` (one past its last optimiser step, so that a resume purges and rewrites
-    it): the settings with the final val/test AUROC and pAUC as HParams, the test figures, the test projector."""
+    it): the settings with the final val/test AUROC and pAUC as HParams, the test figures, and the projector of
+    the test split (embedded once more here: evaluation keeps no embeddings of it)."""
     if not s.tensorboard:
         return
     out_dir = Path(out_dir)
