@@ -34,6 +34,7 @@ from utils import atomic_path
 FOLDER = "tb"
 STEP_VALUES = ("loss", "bce", "contrastive")  # the first columns of train_one_epoch's rows, in this order
 FIGURES = ("roc", "pr", "calibration", "confusion_matrix", "gallery", "similar", "embeddings")
+MODES = {"check_data", "check_images", "demo"}  # how a run was started: no columns of the HParams table
 THUMBNAIL = 64  # pixels a side at most
 SPRITE_LIMIT = 8192  # the projector loads the sprite as one WebGL texture: at most 8192 pixels a side
 
@@ -100,7 +101,7 @@ def final_metrics(out_dir: Path) -> dict:
 def hparam_values(s) -> dict:
     """The settings that change what a run computes, as the types HParams takes (None as "none")."""
     return {name: value if isinstance(value, (bool, int, float, str)) else str(value).lower()
-            for name, value in s.to_dict().items() if name not in NOT_OUTCOME}
+            for name, value in s.to_dict().items() if name not in NOT_OUTCOME | MODES}
 
 
 def add_hparams(writer: SummaryWriter, s, metrics: dict, step: int) -> None:
