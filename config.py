@@ -145,6 +145,9 @@ class Settings:
                             "process's batch", group="run", action="store_true")
     tsne: bool = setting(True, "skip the t-SNE panel of embeddings.png", group="run", flag="--no-tsne",
                          action="store_false")
+    tensorboard: bool = setting(True, "write no TensorBoard event files (default: RUN/tb, for tensorboard --logdir)",
+                                group="run", flag="--no-tensorboard", action="store_false", resumable=True,
+                                outcome=False)
     tta: bool = setting(False, "also evaluate val/test with 8-fold flip/rotation test-time augmentation "
                         "(metrics.json 'tta'; 8x the evaluation time)", group="run", action="store_true")
     # only what neighbours.csv lists: nothing trained or scored depends on it

@@ -23,6 +23,7 @@ from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from splits import SEEN, seen_note, split_of
 from tabular import run_features
+from tensorboard_log import FOLDER as TENSORBOARD, add_projector
 from utils import UserError, write_csv
 from webreport import SKIPPED
 
@@ -190,9 +191,10 @@ def evaluate_run(run: LoadedRun, data) -> dict:
     return evaluate_split(run, "test", data, references)
 
 
-def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFrame:
+def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: bool = False) -> pd.DataFrame:
     """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
-    neighbours.csv, and similar.png for the first images (sorted by file name)."""
+    neighbours.csv, similar.png for the first images (sorted by file name), and with `projector` their embeddings
+    for TensorBoard's projector (OUT/tb)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
@@ -221,16 +223,18 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None) -> pd.DataFr
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
         write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions)
+    if projector:
+        add_projector(Path(out_dir) / TENSORBOARD, "images", plain.pred, run.s, dataset, ids)
     result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings), "run_split": held})
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
 
 
-def predict_dataset(source: OtherData, out_dir, run: LoadedRun) -> dict:
+def predict_dataset(source: OtherData, out_dir, run: LoadedRun, projector: bool = False) -> dict:
     """Every row of another labelled dataset, judged as the run's own test split: every scorer (with TTA when
     asked) against the run's training split, with the threshold and k chosen on the run's val split. Images the
     run trained or validated on (by id) are scored into seen_in_training.csv and left out of the metrics, unless
-    `source.count_seen`."""
+    `source.count_seen`. With `projector`, the counted images' embeddings for TensorBoard's projector (OUT/tb)."""
     csv_path, image_dir = find_layout(source.data_dir, source.csv, source.image_dir)
     frame = load_metadata(csv_path)
     if run.s.metadata:  # the run's head also reads patient facts: from this CSV, or one given with --extra-csv
@@ -258,6 +262,10 @@ def predict_dataset(source: OtherData, out_dir, run: LoadedRun) -> dict:
                         "to evaluate it on (--include-seen counts them anyway)")
     chosen = images(counted)
     scorings = score_views(run, chosen.dataset, refs, val)
+    if projector:
+        part = join_columns(frame, csv_path, source.extra_csv).iloc[counted]  # with the diagnosis, where a CSV has one
+        add_projector(Path(out_dir) / TENSORBOARD, "dataset", scorings["plain"].pred, run.s, chosen.dataset,
+                      part["isic_id"], part["target"], part.get("diagnosis"), part["patient_id"])
     extra = {"dataset": str(csv_path), "threshold_chosen_on": "val of the run (Youden's J)",
              "left_out_seen_in_training": int(seen.sum())}
     return write_labelled_set(run, chosen, scorings, refs, out_dir, extra)

@@ -25,6 +25,7 @@ from modules import build_model
 from reports import summary_line
 from splits import write_splits
 from tabular import metadata_width, with_metadata
+from tensorboard_log import write_results
 from train import fit
 from webreport import record_command, write_report
 from utils import UserError, library_versions, seed_everything, set_deterministic, write_json, write_text
@@ -83,15 +84,17 @@ def train_and_evaluate(s: Settings, checkpoint: dict | None, device: torch.devic
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     model = model.to(device).to(memory_format=torch.channels_last)
-    fit(model, data, s, out, device, resume_from=checkpoint)
+    state = fit(model, data, s, out, device, resume_from=checkpoint)
     if not is_main():
         return out  # rank 0 evaluates val and test alone, with the whole model
 
     model.load_state_dict(evaluation_weights(load_checkpoint(out / "best.pt", device)))
     metrics = evaluate_run(LoadedRun(out, s, model, device, s.tta), data)
     print(f"\ntest: {summary_line(metrics, out / 'test')}")
+    with timings.phase("evaluation.tensorboard", note="figures, hparams, projector"):
+        write_results(out, s, model, data, device, step=state.scheduler.last_epoch + 1)
     print(f"outputs in {out}: history.csv, loss/accuracy/auroc/pauc/pairs.png, best.pt, last.pt, "
-          "train_embeddings.pt, timings.json, val/, test/")
+          f"train_embeddings.pt, timings.json, val/, test/{', tb/ (tensorboard --logdir)' if s.tensorboard else ''}")
     with timings.phase("evaluation.report"):
         report = write_report(out)
     print(f"time: {timings.current_summary()} (phases in {out / 'timings.json'})")

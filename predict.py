@@ -5,6 +5,7 @@
     python predict.py --run runs/X --split val
     python predict.py --run runs/X --data-dir OTHER     # every row of another labelled dataset, every scorer
     python predict.py --run runs/X --images FOLDER      # unlabelled images: scores and nearest training lesions
+    python predict.py --run runs/X --images FOLDER --projector   # ... and their embeddings for TensorBoard (OUT/tb)
     python predict.py --run runs/cv/fold*/bce --images FOLDER --out E   # an ensemble of runs (see ensemble.py)
 
 Another labelled dataset may hold images the run trained or validated on (by id, from its splits.csv): those are
@@ -53,6 +54,9 @@ def build_parser() -> Parser:
                  help=ELSEWHERE)
     p.add_argument("--images", help="a folder of unlabelled images: scores, neighbours.csv and similar.png")
     p.add_argument("--out", help="where --data-dir/--images results go (default: RUN/predict-<folder name>)")
+    p.add_argument("--projector", action="store_true",
+                   help="with --data-dir/--csv/--images: also write their embeddings, metadata and thumbnails for "
+                        "TensorBoard's embedding projector into OUT/tb (tensorboard --logdir OUT)")
     p.add_argument("--tta", action="store_true",
                    help="also score with test-time augmentation (8 flips/rotations averaged); an ensemble then "
                         "combines the TTA view")
@@ -67,6 +71,9 @@ def build_parser() -> Parser:
 
 def run(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    if args.projector and not (args.images or args.data_dir or args.csv):
+        raise UserError("--projector is for other data (--data-dir, --csv or --images): the run's test split is in "
+                        "RUN/tb already")
     if len(args.run) == 1:
         run_dir = Path(args.run[0])
         score_run(load(run_dir, args), args, default_out(args, run_dir))
@@ -130,12 +137,12 @@ def score_with(run: LoadedRun, args, out_dir: Path | None) -> Path:
         if needs_val(run):  # the threshold and k come from val: choose them first, as for the test split
             evaluate_split(run, "val", run_data(run))
         if args.images:
-            result = predict_images(args.images, out_dir, run, args.extra_csv)
+            result = predict_images(args.images, out_dir, run, args.extra_csv, args.projector)
             print(f"{len(result)} predictions (val's threshold) → {out_dir / 'predictions.csv'}; nearest training "
                   f"lesions → {out_dir / 'neighbours.csv'}, {out_dir / 'similar.png'}")
         else:
             source = OtherData(args.data_dir, args.csv, args.image_dir, args.extra_csv, args.include_seen)
-            print(summary_line(predict_dataset(source, out_dir, run), out_dir))
+            print(summary_line(predict_dataset(source, out_dir, run, args.projector), out_dir))
         print(f"report: {write_report(out_dir, run=run.run_dir, command=True)}")
         return out_dir
     data = run_data(run)

@@ -28,6 +28,7 @@ from distributed import any_rank, is_main, rank, settle, step_failure, world_siz
 from inference import evaluate
 from losses import PAIR_STATS, build_loss, epoch_pair_stats
 from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
+from tensorboard_log import training_board
 from weight_average import WeightAverage
 from utils import UserError, remove_stale_temporaries, rng_state, seed_everything, set_rng_state, write_csv
 
@@ -85,7 +86,7 @@ class NonFiniteLoss(Exception):
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
-                    epoch: int, epochs: int, stop: StopRequest | None = None, ema=None) -> dict:
+                    epoch: int, epochs: int, stop: StopRequest | None = None, ema=None, board=None) -> dict:
     model.train()
     totals = np.zeros(4 + len(PAIR_STATS))  # loss, bce, contrastive, correct, then the pair counts (losses.pair_stats)
     window, seen = [], 0
@@ -121,6 +122,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
                 raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch}, step {step} or before")
             totals += values.sum(0) * [len(targets), len(targets), len(targets), *[1] * (1 + len(PAIR_STATS))]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if board is not None:
+                board.steps(values)
             window = []
         if world_size() == 1 and stop is not None and stop.signal or synced and stop_anywhere:
             raise Interrupted(stop.signal or "a signal to another rank")
@@ -306,14 +309,14 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     launch = "python driver.py" if world_size() == 1 else "the same torchrun command with driver.py"
     resume_hint = f"continue with: {launch} --resume {shlex.quote(str(out_dir))}"
     plotted = -math.inf
-    with StopRequest() as stop:
+    with StopRequest() as stop, training_board(out_dir, s, scheduler) as board:
         for epoch in range(state.epoch + 1, s.epochs + 1):
             started = time.time()
             seed_epoch(loader, s.seed, epoch)
             try:
                 with timings.phase(f"training.epoch{epoch}", note=f"{len(loader)} steps"):
                     row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
-                                          amp_dtype, epoch, s.epochs, stop, state.ema)
+                                          amp_dtype, epoch, s.epochs, stop, state.ema, board)
             except Interrupted as e:
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None
@@ -334,6 +337,8 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
                                                                desc="validating")))
                     row = {"epoch": epoch, **row, "lr": float(scheduler.get_last_lr()[0]),
                            "seconds": time.time() - started}
+                    if board is not None:
+                        board.epoch(row)
                     with timings.phase(f"training.save.epoch{epoch}", note="checkpoints, history, plots"):
                         plotted = end_of_epoch(state, row, s, out_dir, plotted)
                 except Exception as e:  # reported to every rank before it is raised here

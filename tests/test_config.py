@@ -24,9 +24,9 @@ def test_help_shows_the_defaults():
 
 
 def test_derived_sets():
-    assert RESUMABLE == {"resume", "device", "workers", "cache_dir", "neighbours"}
+    assert RESUMABLE == {"resume", "device", "workers", "cache_dir", "neighbours", "tensorboard"}
     assert NOT_OUTCOME == {"data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir", "out",
-                           "overwrite", "resume", "workers", "device", "versions", "neighbours", "given"}
+                           "overwrite", "resume", "workers", "device", "versions", "neighbours", "given", "tensorboard"}
 
 
 @pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "must be at least 1; got 0"),
