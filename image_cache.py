@@ -63,7 +63,7 @@ def dct_scale(pil: Image.Image, size: int) -> int:
     if pil.format != "JPEG":
         return 1
     fits = min(pil.size) // size
-    return next(scale for scale in (8, 4, 2, 1) if fits >= scale)
+    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
 def decode(path, size: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_scale_is_the_smallest_that_covers_the_target(tmp_path):
     Image.new("RGB", (1024, 768)).save(jpeg)
     Image.new("RGB", (1024, 768)).save(png)
     with Image.open(jpeg) as pil:
-        assert [dct_scale(pil, size) for size in (96, 128, 192, 256, 384, 385, 768)] == [8, 4, 4, 2, 2, 1, 1]
+        assert [dct_scale(pil, size) for size in (96, 128, 192, 256, 384, 385, 768, 1024)] == [8, 4, 4, 2, 2, 1, 1, 1]
     with Image.open(png) as pil:
         assert dct_scale(pil, 96) == 1
 
