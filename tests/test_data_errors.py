@@ -200,7 +200,7 @@ def test_check_data_on_usable_data_writes_split_and_report(tmp_path, capsys):
     out = tmp_path / "run"
     code, stdout, err = run_main(capsys, "--csv", csv, "--image-dir", images, "--out", out, "--check-data")
     assert code == 0 and err == ""
-    assert sorted(p.name for p in out.iterdir()) == ["data_report.txt", "splits.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["data_report.txt", "splits.csv", "timings.json"]
     splits = pd.read_csv(out / "splits.csv")
     assert list(splits.columns) == ["isic_id", "patient_id", "target", "split", "group", "split_by"]
     assert list(splits["isic_id"]) == list(frame["image_name"]) and set(splits["split_by"]) == {"patient"}
