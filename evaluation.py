@@ -18,15 +18,17 @@ from references import References, train_references, views
 from reports import BOOTSTRAP, Scoring, write_labelled
 from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from tabular import run_features
+from visual_similarity import dataset_features, retrieval_quality
 from utils import UserError, write_csv
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 
 
-def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True,
+def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, visual=None,
             device=None) -> Scoring:
     """Choose the threshold (Youden's J) and k here when `chosen` is None (the val split), else reuse val's.
-    Labelled images also get retrieval metrics against the training split."""
+    Labelled images (given with their colour/texture features `visual`) also get retrieval metrics against the
+    training split."""
     if chosen is None:
         threshold = youden_threshold(pred.targets, pred.probabilities)
     else:
@@ -39,7 +41,10 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
     else:
         k = chosen["scorers"]["knn"]["k"]
         by_k = knn_scores(train, refs.targets, query, [k])
-    retrieval = retrieval_metrics(train, refs.targets, query, pred.targets, device) if labelled else {}
+    retrieval = {}
+    if visual is not None:
+        retrieval = {**retrieval_metrics(train, refs.targets, query, pred.targets, device),
+                     **retrieval_quality(train, refs.targets, query, pred.targets, refs.visual, visual)}
     return Scoring(pred, threshold, {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}, k,
                    retrieval)
 
@@ -80,8 +85,9 @@ def read_val_metrics(run_dir) -> dict:
 def score_views(model, dataset, refs: References, s, device, tta: bool, val: dict | None,
                  labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
+    visual = dataset_features(dataset) if labelled else None
     return {view: scoring(score(scorer, dataset, s, device), refs, view, s,
-                          None if val is None else chosen_on_val(val, view), labelled, device)
+                          None if val is None else chosen_on_val(val, view), visual, device)
             for view, scorer in views(model, tta).items()}
 
 

@@ -20,6 +20,7 @@ from dataset import prepare_data
 from inference import score
 from metadata import ID_COLUMNS, find_layout, read_csv
 from tabular import with_metadata
+from visual_similarity import dataset_features
 
 STORE = "train_embeddings.pt"
 FORMAT = 1  # raise when the stored fields change
@@ -33,6 +34,7 @@ class References:
     diagnosis: np.ndarray   # the metadata's `diagnosis` column, "" where it has none
     embeddings: dict        # view ("plain", "tta") → (N, D) float32 raw model embeddings
     weights_sha256: str
+    visual: np.ndarray | None = None  # model-free colour/texture features (visual_similarity.py), (N, F)
 
 
 def views(model, tta: bool) -> dict:
@@ -75,18 +77,21 @@ def load_references(path, fingerprint: str) -> References | None:
         print(f"{path} was made by other weights than this best.pt: embedding the training split again")
         return None
     return References(np.array(d["ids"], dtype=object), d["targets"].numpy(), np.array(d["diagnosis"], dtype=object),
-                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint)
+                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint,
+                      None if d.get("visual") is None else d["visual"].numpy())
 
 
 def save_references(path, refs: References) -> None:
     save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "ids": list(refs.ids),
                            "targets": torch.as_tensor(refs.targets), "diagnosis": list(refs.diagnosis),
-                           "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
+                           "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()},
+                           "visual": None if refs.visual is None else torch.as_tensor(refs.visual)})
 
 
 def train_references(run_dir, model, s, device, tta: bool, data=None) -> References:
-    """The training split's embeddings (plain, and TTA when asked), from RUN/train_embeddings.pt when it holds them
-    for these weights, else computed (the run's data is read only then) and stored."""
+    """The training split's embeddings (plain, and TTA when asked) and colour/texture features, from
+    RUN/train_embeddings.pt when it holds them for these weights, else computed (the run's data is read only then)
+    and stored."""
     path = Path(run_dir) / STORE
     fingerprint = weights_fingerprint(model)
     refs = load_references(path, fingerprint)
@@ -95,7 +100,7 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
         train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
         if len(train_ids) != len(refs.ids) or (train_ids != refs.ids).any():
             refs = None  # another split (or --skip-bad-images dropped other images)
-    if refs is not None and set(wanted) <= set(refs.embeddings):
+    if refs is not None and set(wanted) <= set(refs.embeddings) and refs.visual is not None:
         return refs
     data = data if data is not None else with_metadata(prepare_data(s, splits_path=Path(run_dir) / "splits.csv"),
                                                        s, run_dir)
@@ -108,5 +113,7 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
         if view not in refs.embeddings:
             print(f"embedding the {len(train)} training images ({view}) once; stored in {path}")
             refs.embeddings[view] = score(scorer, train, s, device).embeddings
+    if refs.visual is None:
+        refs.visual = dataset_features(train)
     save_references(path, refs)
     return refs
