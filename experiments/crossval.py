@@ -84,6 +84,8 @@ def run(argv=None) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
                    "methods to a table)")
+    p.add_argument("--only-finished", action="store_true",
+                   help="tabulate the fold runs in --cv-out that finished with the same settings, train none")
     args, driver_flags = p.parse_known_args(argv)
     crossval(args, driver_flags)
 
@@ -121,7 +123,10 @@ def crossval(args, driver_flags) -> None:
                 continue
             run_dir = out / f"fold{fold}" / key
             run_flags = {**given, **method_flags, "splits": str(splits_csv), "out": str(run_dir), "overwrite": True}
-            result = (args.resume and finished_run(run_dir, run_flags, splits_csv)) or train_and_test(run_flags)
+            result = (args.resume or args.only_finished) and finished_run(run_dir, run_flags, splits_csv)
+            if not result and args.only_finished:
+                continue
+            result = result or train_and_test(run_flags)
             view = result.get("tta", result)  # with --tta the table is of the TTA scores
             metrics = view["scorers"][which]
             rows.append((name, fold, metrics["auroc"], metrics["pauc"], *retrieval_values(view)))
