@@ -116,9 +116,10 @@ def test_resume_is_exact_with_the_instance_term(tmp_path):
     from demo import make_dataset
     data = make_dataset(tmp_path / "data", n_images=120, malignant_rate=0.2, size=40, seed=1)
     given = ["--data-dir", data, "--cache-dir", tmp_path / "cache", *tiny(2), "--w-instance", "0.5"]
-    finish(start("driver.py", *given, "--out", tmp_path / "reference"), check=0)
-    killed = finish(start("-c", CHILD, "kill-in-save", 1, "-", *given, "--out", tmp_path / "killed"))
-    assert killed.returncode != 0
+    reference = start("driver.py", *given, "--out", tmp_path / "reference")
+    killed = start("-c", CHILD, "kill-in-save", 1, "-", *given, "--out", tmp_path / "killed")
+    finish(reference, check=0)
+    assert finish(killed).returncode != 0
     finish(start("driver.py", "--resume", tmp_path / "killed"), check=0)
     assert_same_results(tmp_path / "killed", tmp_path / "reference")
     history = (tmp_path / "reference" / "history.csv").read_text()
