@@ -159,8 +159,7 @@ def markdown(table: pd.DataFrame) -> str:
     for method, part in table.groupby("method", sort=False):
         lines.append(f"| {method} | {part['auroc'].mean():.3f} ± {part['auroc'].std(ddof=1):.3f} | "
                      f"{part['pauc'].mean():.3f} ± {part['pauc'].std(ddof=1):.3f} | {len(part)} |")
-    table = paired_differences(table[["method", "fold", "auroc", "pauc"]])
-    paired = table.dropna(subset=["auroc_minus_bce"])
+    paired = paired_differences(table[["method", "fold", "auroc", "pauc"]]).dropna(subset=["auroc_minus_bce"])
     if len(paired):
         lines += ["", f"Paired per-fold differences against {REFERENCE} (method − {REFERENCE} on the same fold; "
                   "signs in fold order):", "",

@@ -124,3 +124,18 @@ def test_resume_is_exact_with_the_instance_term(tmp_path):
     assert_same_results(tmp_path / "killed", tmp_path / "reference")
     history = (tmp_path / "reference" / "history.csv").read_text()
     assert "train_instance" in history
+
+
+def test_crossval_table_shows_each_methods_retrieval_from_metrics_json():
+    import pandas as pd
+    from experiments.crossval import COLUMNS, markdown, retrieval_values
+    view = {"retrieval": {"mean_of_classes": {"precision_at_1": 0.7, "mean_average_precision_at_r": 0.3},
+                          "visual_agreement@5": 0.4, "hub_share@5": 0.5, "hub_max@5": 9}}
+    assert retrieval_values(view) == [0.7, 0.3, 0.4, 0.5, 9.0]
+    assert all(np.isnan(retrieval_values({})))  # runs made before these metrics existed
+    rows = [("BCE only", fold, 0.8, 0.1, *retrieval_values(view)) for fold in (1, 2)]
+    rows += [("joint + instance term 0.5", fold, 0.8, 0.1, 0.7, 0.3, 0.4 + fold / 10, 0.5, 9) for fold in (1, 2)]
+    text = markdown(pd.DataFrame(rows, columns=COLUMNS))
+    assert "| precision@1 | MAP@R | visual agreement@5 | hub share@5 | hub max@5 | folds |" in text
+    assert "| joint + instance term 0.5 | 0.700 ± 0.000 | 0.300 ± 0.000 | 0.550 ± 0.071 | 0.500 ± 0.000 | " \
+           "9.000 ± 0.000 | 2 |" in text
