@@ -147,7 +147,7 @@ def predict_images(folder, out_dir, run_dir, s, model, device, tta: bool = False
                            metadata=None if features is None else features[rows])
     ids = frame["isic_id"].to_numpy()[rows]
     val = read_val_metrics(run_dir)
-    refs = train_references(run_dir, model, s, device, tta)
+    refs = train_references(run_dir, model, s, device, tta, visual=False)
     scorings = score_views(model, dataset, refs, s, device, tta, val, labelled=False)
     columns = {"isic_id": ids}
     for view, sc in scorings.items():

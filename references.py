@@ -88,10 +88,10 @@ def save_references(path, refs: References) -> None:
                            "visual": None if refs.visual is None else torch.as_tensor(refs.visual)})
 
 
-def train_references(run_dir, model, s, device, tta: bool, data=None) -> References:
+def train_references(run_dir, model, s, device, tta: bool, data=None, visual: bool = True) -> References:
     """The training split's embeddings (plain, and TTA when asked) and colour/texture features, from
     RUN/train_embeddings.pt when it holds them for these weights, else computed (the run's data is read only then)
-    and stored."""
+    and stored. visual=False: the features are not needed (unlabelled images) and not computed when missing."""
     path = Path(run_dir) / STORE
     fingerprint = weights_fingerprint(model)
     refs = load_references(path, fingerprint)
@@ -100,7 +100,7 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
         train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
         if len(train_ids) != len(refs.ids) or (train_ids != refs.ids).any():
             refs = None  # another split (or --skip-bad-images dropped other images)
-    if refs is not None and set(wanted) <= set(refs.embeddings) and refs.visual is not None:
+    if refs is not None and set(wanted) <= set(refs.embeddings) and (refs.visual is not None or not visual):
         return refs
     data = data if data is not None else with_metadata(prepare_data(s, splits_path=Path(run_dir) / "splits.csv"),
                                                        s, run_dir)
@@ -113,7 +113,7 @@ def train_references(run_dir, model, s, device, tta: bool, data=None) -> Referen
         if view not in refs.embeddings:
             print(f"embedding the {len(train)} training images ({view}) once; stored in {path}")
             refs.embeddings[view] = score(scorer, train, s, device).embeddings
-    if refs.visual is None:
+    if visual and refs.visual is None:
         refs.visual = dataset_features(train)
     save_references(path, refs)
     return refs
