@@ -112,12 +112,13 @@ def test_image_features_tell_colours_apart_at_any_image_size():
 
 @pytest.mark.slow
 def test_resume_is_exact_with_the_instance_term(tmp_path):
-    """Killed halfway through writing last.pt of epoch 1 and resumed: the same files as an uninterrupted run."""
+    """Killed halfway through writing last.pt of epoch 2 and resumed (epoch 2 replayed by a new process): the same
+    files as an uninterrupted run."""
     from demo import make_dataset
     data = make_dataset(tmp_path / "data", n_images=120, malignant_rate=0.2, size=40, seed=1)
     given = ["--data-dir", data, "--cache-dir", tmp_path / "cache", *tiny(2), "--w-instance", "0.5"]
     reference = start("driver.py", *given, "--out", tmp_path / "reference")
-    killed = start("-c", CHILD, "kill-in-save", 1, "-", *given, "--out", tmp_path / "killed")
+    killed = start("-c", CHILD, "kill-in-save", 2, "-", *given, "--out", tmp_path / "killed")
     finish(reference, check=0)
     assert finish(killed).returncode != 0
     finish(start("driver.py", "--resume", tmp_path / "killed"), check=0)
