@@ -103,6 +103,12 @@ class Settings:
     # loss
     w_bce: float = setting(1.0, "weight of the BCE term (default {default})", group="loss", type=NON_NEGATIVE)
     w_cl: float = setting(1.0, "weight of the contrastive term (default {default})", group="loss", type=NON_NEGATIVE)
+    w_instance: float = setting(0.0, "weight of the instance term: NT-Xent between two augmented views of each "
+                                "training image, every other image of the batch a negative (per process under "
+                                "torchrun: each its own negatives); costs a second forward pass of the batch; "
+                                "0 = off (default {default})", group="loss", type=NON_NEGATIVE)
+    instance_temperature: float = setting(0.1, "temperature of the instance term's NT-Xent (default {default})",
+                                          group="loss", type=POSITIVE)
     pos_margin: float = setting(0.0, "contrastive positive margin (default {default})", group="loss",
                                 type=NON_NEGATIVE)
     neg_margin: float = setting(1.0, "contrastive negative margin (default {default})", group="loss",

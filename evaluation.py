@@ -24,6 +24,7 @@ from retrieval import embedding_space, knn_scores, nearest, prototype_scores, re
 from splits import SEEN, seen_note, split_of
 from tabular import run_features
 from tensorboard_log import FOLDER as TENSORBOARD, add_projector
+from visual_similarity import dataset_features, retrieval_quality
 from utils import UserError, write_csv
 from webreport import SKIPPED
 
@@ -52,8 +53,9 @@ class LoadedRun:
         again = self.out / "val"
         return again if (again / "metrics.json").is_file() else Path(self.run_dir) / "val"
 
-    def references(self, data=None) -> References:
-        return train_references(self.run_dir, self.model, self.s, self.device, self.tta, data, store=self.home)
+    def references(self, data=None, visual: bool = True) -> References:
+        return train_references(self.run_dir, self.model, self.s, self.device, self.tta, data, store=self.home,
+                                visual=visual)
 
 
 @dataclass
@@ -74,9 +76,10 @@ class OtherData:
     count_seen: bool = False  # count the images the run trained or validated on in the metrics
 
 
-def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, labelled: bool = True) -> Scoring:
+def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | None, visual=None) -> Scoring:
     """Choose the threshold (Youden's J) and k here when `chosen` is None (the val split), else reuse val's.
-    Labelled images also get retrieval metrics against the training split."""
+    Labelled images (given with their colour/texture features `visual`) also get retrieval metrics against the
+    training split."""
     if chosen is None:
         threshold = youden_threshold(pred.targets, pred.probabilities)
     else:
@@ -92,9 +95,10 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
             by_k = knn_scores(train, refs.targets, query, [k])
         embedding_scores = {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}
     retrieval = {}
-    if labelled:
+    if visual is not None:
         with timings.phase("evaluation.retrieval"):
-            retrieval = retrieval_metrics(train, refs.targets, query, pred.targets)
+            retrieval = {**retrieval_metrics(train, refs.targets, query, pred.targets),
+                         **retrieval_quality(train, refs.targets, query, pred.targets, refs.visual, visual)}
     return Scoring(pred, threshold, embedding_scores, k, retrieval)
 
 
@@ -134,11 +138,15 @@ def read_val_metrics(run: LoadedRun) -> dict:
 
 def score_views(run: LoadedRun, dataset, refs: References, val: dict | None, labelled: bool = True) -> dict:
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
+    visual = None
+    if labelled:
+        with timings.phase("evaluation.visual_features", note=f"{len(dataset)} images"):
+            visual = dataset_features(dataset)
     scorings = {}
     for view, scorer in views(run.model, run.tta).items():
         with timings.phase("evaluation.score" + ("_tta" if view == "tta" else ""), note=f"{len(dataset)} images"):
             pred = score(scorer, dataset, run.s, run.device)
-        scorings[view] = scoring(pred, refs, view, run.s, None if val is None else chosen_on_val(val, view), labelled)
+        scorings[view] = scoring(pred, refs, view, run.s, None if val is None else chosen_on_val(val, view), visual)
     return scorings
 
 
@@ -217,7 +225,7 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: b
     if np.isin(held, SEEN).any():
         print(f"note: {seen_note(held, 'images')}: marked in the run_split column of predictions.csv; their "
               "nearest training lesion is the image itself")
-    refs = run.references()
+    refs = run.references(visual=False)
     scorings = score_views(run, dataset, refs, read_val_metrics(run), labelled=False)
     plain = scorings["plain"]
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]

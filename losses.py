@@ -1,9 +1,10 @@
-"""The loss: L = w_bce * BCEWithLogits on the head's logit + w_cl * ContrastiveLoss on the embedding."""
+"""The loss: L = w_bce * BCEWithLogits on the head's logit + w_cl * ContrastiveLoss on the embedding
++ w_instance * NT-Xent between two augmented views of each training image."""
 from __future__ import annotations
 
 import torch
 from pytorch_metric_learning.distances import LpDistance
-from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory
+from pytorch_metric_learning.losses import ContrastiveLoss, CrossBatchMemory, NTXentLoss, SelfSupervisedLoss
 from pytorch_metric_learning.miners import BatchHardMiner, MultiSimilarityMiner
 from torch import nn
 
@@ -62,13 +63,19 @@ class JointLoss(nn.Module):
     validation loss, under inference_mode) the contrastive term is the plain in-batch one for every variant:
     validation losses stay comparable and validation embeddings never enter the memory.
 
-    Returns (loss, bce, contrastive, pair_stats): the last three detached; pair_stats as in `pair_stats`.
+    The instance term (w_instance > 0, given `second_view`: the embeddings of a second augmented view of the same
+    images, row for row) is NT-Xent over the views: each image's two views are the positive pair, every other image's
+    views of the batch the negatives (under torchrun: of the process's own batch), whatever their class. It keeps
+    apart lesions that the class term alone would pull to one point. Without a second view (validation) it is 0.
+
+    Returns (loss, bce, contrastive, pair_stats, instance): all but loss detached; pair_stats as in `pair_stats`.
     """
 
     def __init__(self, w_bce=1.0, w_cl=1.0, pos_margin=0.0, neg_margin=1.0, normalize_embeddings=True,
-                 miner="none", memory_size=0, embedding_dim=None):
+                 miner="none", memory_size=0, embedding_dim=None, w_instance=0.0, temperature=0.1):
         super().__init__()
-        self.w_bce, self.w_cl = w_bce, w_cl
+        self.w_bce, self.w_cl, self.w_instance = w_bce, w_cl, w_instance
+        self.instance = SelfSupervisedLoss(NTXentLoss(temperature=temperature), symmetric=True)
         self.pos_margin, self.neg_margin = pos_margin, neg_margin
         self.bce = nn.BCEWithLogitsLoss()
         self.contrastive = ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin,
@@ -79,7 +86,7 @@ class JointLoss(nn.Module):
         if memory_size:
             self.memory = Memory(self.contrastive, embedding_dim, memory_size, miner=self.miner)
 
-    def forward(self, embeddings, logits, targets, pair_labels=None):
+    def forward(self, embeddings, logits, targets, pair_labels=None, second_view=None):
         learning = embeddings.requires_grad
         embeddings = embeddings.float()
         labels = targets.long() if pair_labels is None else pair_labels.long()
@@ -90,9 +97,14 @@ class JointLoss(nn.Module):
             contrastive = self.contrastive(embeddings, labels, self.miner(embeddings, labels))
         else:
             contrastive = self.contrastive(embeddings, labels)
+        loss = self.w_bce * bce + self.w_cl * contrastive
+        instance = torch.zeros((), device=embeddings.device)
+        if second_view is not None:
+            instance = self.instance(embeddings, second_view.float())
+            loss = loss + self.w_instance * instance
         with torch.no_grad():
             stats = pair_stats(self.contrastive.distance(embeddings), labels, self.pos_margin, self.neg_margin)
-        return self.w_bce * bce + self.w_cl * contrastive, bce.detach(), contrastive.detach(), stats
+        return loss, bce.detach(), contrastive.detach(), stats, instance.detach()
 
 
 def build_loss(s) -> JointLoss:
@@ -100,4 +112,4 @@ def build_loss(s) -> JointLoss:
         raise UserError(f"--xbm {s.xbm} is smaller than --batch-size {s.batch_size}: the memory holds at least the "
                         f"current batch")
     return JointLoss(s.w_bce, s.w_cl, s.pos_margin, s.neg_margin, s.normalize_embeddings, s.miner, s.xbm,
-                     s.embedding_dim)
+                     s.embedding_dim, s.w_instance, s.instance_temperature)

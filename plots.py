@@ -43,9 +43,11 @@ def _curves(history, columns: dict, ylabel: str, path, title: str) -> None:
 
 
 def history_plots(history, out_dir) -> None:
-    _curves(history, {"train_loss": "train (BCE + contrastive)", "train_bce": "train BCE",
-                      "train_contrastive": "train contrastive", "val_loss": "validation (BCE + contrastive)"},
-            "loss", out_dir / "loss.png", "Loss")
+    losses = {"train_loss": "train (BCE + contrastive)", "train_bce": "train BCE",
+              "train_contrastive": "train contrastive", "val_loss": "validation (BCE + contrastive)"}
+    if "train_instance" in history and history["train_instance"].any():  # --w-instance
+        losses.update(train_loss="train (BCE + contrastive + instance)", train_instance="train instance (NT-Xent)")
+    _curves(history, losses, "loss", out_dir / "loss.png", "Loss")
     _curves(history, {"train_accuracy": "train (balanced batches, threshold 0.5)",
                       "val_accuracy": "validation (Youden threshold)"}, "accuracy", out_dir / "accuracy.png", "Accuracy")
     _curves(history, {"val_auroc": "validation"}, "AUROC", out_dir / "auroc.png", "Validation AUROC")

@@ -23,6 +23,7 @@ from devices import precision_name
 from inference import score
 from metadata import ID_COLUMNS, find_layout, read_csv
 from tabular import with_metadata
+from visual_similarity import dataset_features
 
 STORE = "train_embeddings.pt"
 FORMAT = 2  # raise when the stored fields change
@@ -37,6 +38,7 @@ class References:
     embeddings: dict        # view ("plain", "tta") → (N, D) float32 raw model embeddings
     weights_sha256: str
     precision: str          # what the embeddings were computed in: "float32", "bfloat16" or "float16" (autocast)
+    visual: np.ndarray | None = None  # model-free colour/texture features (visual_similarity.py), (N, F)
 
 
 def views(model, tta: bool) -> dict:
@@ -87,31 +89,38 @@ def load_references(path, fingerprint: str, precision: str) -> References | None
               "split again")
         return None
     return References(np.array(d["ids"], dtype=object), d["targets"].numpy(), np.array(d["diagnosis"], dtype=object),
-                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint, precision)
+                      {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint, precision,
+                      None if d.get("visual") is None else d["visual"].numpy())
 
 
 def save_references(path, refs: References) -> None:
     save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "precision": refs.precision,
                            "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets),
                            "diagnosis": list(refs.diagnosis),
-                           "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()}})
+                           "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()},
+                           "visual": None if refs.visual is None else torch.as_tensor(refs.visual)})
 
 
-def train_references(run_dir, model, s, device, tta: bool, data=None, store=None) -> References:
-    """The training split's embeddings (plain, and TTA when asked), from RUN/train_embeddings.pt when it holds them
-    for these weights in this device's precision, else computed (the run's data is read only then) and stored there,
-    or in `store` (a folder that leaves the run untouched, e.g. an ensemble's member folder)."""
+def train_references(run_dir, model, s, device, tta: bool, data=None, store=None, visual: bool = True) -> References:
+    """The training split's embeddings (plain, and TTA when asked) and colour/texture features, from
+    RUN/train_embeddings.pt when it holds them for these weights in this device's precision, else computed (the run's
+    data is read only then) and stored there, or in `store` (a folder that leaves the run untouched, e.g. an
+    ensemble's member folder). visual=False: the features are not needed (unlabelled images), not computed."""
     fingerprint, precision = weights_fingerprint(model), precision_name(device)
     wanted = views(model, tta)
+
+    def complete(refs: References) -> bool:
+        return set(wanted) <= set(refs.embeddings) and (refs.visual is not None or not visual)
+
     refs = load_references(Path(run_dir) / STORE, fingerprint, precision)
     path = Path(store or run_dir) / STORE
-    if store is not None and (refs is None or not set(wanted) <= set(refs.embeddings)):
+    if store is not None and (refs is None or not complete(refs)):
         refs = load_references(path, fingerprint, precision) or refs
     if data is not None and refs is not None:
         train_ids = data.frame.loc[data.frame["split"] == "train", "isic_id"].to_numpy()
         if len(train_ids) != len(refs.ids) or (train_ids != refs.ids).any():
             refs = None  # another split (or --skip-bad-images dropped other images)
-    if refs is not None and set(wanted) <= set(refs.embeddings):
+    if refs is not None and complete(refs):
         return refs
     data = data if data is not None else with_metadata(prepare_data(s, splits_path=Path(run_dir) / "splits.csv"),
                                                        s, run_dir)
@@ -127,5 +136,8 @@ def train_references(run_dir, model, s, device, tta: bool, data=None, store=None
             with timings.phase("evaluation.train_embeddings" + ("_tta" if view == "tta" else ""),
                                note=f"{len(train)} images"):
                 refs.embeddings[view] = score(scorer, train, s, device).embeddings
+    if visual and refs.visual is None:
+        with timings.phase("evaluation.train_visual_features", note=f"{len(train)} images"):
+            refs.visual = dataset_features(train)
     save_references(path, refs)
     return refs

@@ -144,8 +144,16 @@ def retrieval_line(r: dict, view: str = "") -> str:
     mean, malignant = r["mean_of_classes"], r["per_class"].get("malignant", {})
     both = "  ".join(f"{label} {mean[key]:.3f}" + (f" ({malignant[key]:.3f})" if malignant else "")
                      for key, label in names.items())
-    return (f"  retrieval{view} vs {r['references']} training lesions: {both}  "
+    line = (f"  retrieval{view} vs {r['references']} training lesions: {both}  "
             f"(mean of benign and malignant queries; malignant in brackets)")
+    return line + (visual_line(r) if "visual_agreement@5" in r else "")
+
+
+def visual_line(r: dict) -> str:
+    """Visual agreement and hubness of the 5 nearest (visual_similarity.retrieval_quality)."""
+    return (f"\n  5 nearest training lesions: visual agreement {r['visual_agreement@5']:.3f} (0: random lesions of the "
+            f"class, 1: the nearest in colour/texture)  share of training lesions retrieved {r['hub_share@5']:.3f} "
+            f"({r['hub_share@5_if_random']:.3f} if random)  most queries served by one {r['hub_max@5']}")
 
 
 def _with_ci(value: float, ci) -> str:

@@ -85,19 +85,32 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def forward_views(model, images, metadata, augment, two_views: bool):
+    """(embeddings, logits, embeddings of a second augmented view or None) of one training batch. Both views go
+    through the model as one batch: one forward (and one DDP gradient reduction) for the pair."""
+    first = augment(images)
+    if not two_views:
+        return *model(first, metadata), None
+    embeddings, logits = model(torch.cat([first, augment(images)]), torch.cat([metadata, metadata]))
+    n = len(first)
+    return embeddings[:n], logits[:n], embeddings[n:]
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
                     epoch: int, epochs: int, stop: StopRequest | None = None, ema=None, board=None) -> dict:
     model.train()
-    totals = np.zeros(4 + len(PAIR_STATS))  # loss, bce, contrastive, correct, then the pair counts (losses.pair_stats)
+    # loss, bce, contrastive, instance, correct, then the pair counts (losses.pair_stats)
+    totals = np.zeros(5 + len(PAIR_STATS))
     window, seen = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=None if is_main() else True)
     for step, (images, targets, pair_labels, metadata) in enumerate(bar, start=1):
-        images = augment(to_float(images.to(device, non_blocking=True)))
+        images = to_float(images.to(device, non_blocking=True))
         targets, pair_labels = targets.to(device, non_blocking=True), pair_labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            embeddings, logits = model(images, metadata.to(device, non_blocking=True))
-        loss, bce, contrastive, pairs = loss_fn(embeddings, logits, targets, pair_labels)
+            embeddings, logits, second = forward_views(model, images, metadata.to(device, non_blocking=True),
+                                                       augment, loss_fn.w_instance > 0)
+        loss, bce, contrastive, pairs, instance = loss_fn(embeddings, logits, targets, pair_labels, second)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -106,7 +119,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
         if ema is not None:
             ema.update_parameters(model)
         correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
-        window.append(torch.cat([torch.stack([loss.detach(), bce, contrastive, correct.float()]), pairs]))
+        window.append(torch.cat([torch.stack([loss.detach(), bce, contrastive, instance, correct.float()]), pairs]))
         seen += len(targets)
         synced = step % SYNC_EVERY == 0 or step == len(loader)
         if synced:
@@ -120,7 +133,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
                 raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {first}")
             if bad_anywhere:
                 raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch}, step {step} or before")
-            totals += values.sum(0) * [len(targets), len(targets), len(targets), *[1] * (1 + len(PAIR_STATS))]
+            totals += values.sum(0) * [*[len(targets)] * 4, *[1] * (1 + len(PAIR_STATS))]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if board is not None:
                 board.steps(values)
@@ -132,9 +145,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
                               device=device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(summed)
         *totals, seen = summed.tolist()
-    loss, bce, contrastive, accuracy = (float(t / seen) for t in totals[:4])
-    return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_accuracy": accuracy,
-            **epoch_pair_stats(totals[4:])}
+    loss, bce, contrastive, instance, accuracy = (float(t / seen) for t in totals[:5])
+    return {"train_loss": loss, "train_bce": bce, "train_contrastive": contrastive, "train_instance": instance,
+            "train_accuracy": accuracy, **epoch_pair_stats(totals[5:])}
 
 
 def validation_summary(pred) -> dict:

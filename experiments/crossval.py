@@ -1,5 +1,6 @@
 """Patient-grouped k-fold cross-validation: colour baseline vs BCE-only vs contrastive + kNN vs the joint loss
-(and the joint loss with a cross-batch memory, a pair miner or diagnosis pairs), each paired with BCE-only per fold.
+(and the joint loss with a cross-batch memory, a pair miner, diagnosis pairs, an instance term or a positive margin),
+each paired with BCE-only per fold; the embeddings' retrieval of training lesions beside.
 
     python -m experiments.crossval --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
 
@@ -20,8 +21,8 @@ import pandas as pd
 from config import COUNT, Parser, Settings, parse_cli, settings_from_cli
 from dataset import load_images
 from experiments.baseline import fit_colour_baseline, metadata_baseline_scores, score_colour_baseline
-from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, MINED_PAIRS, WITH_METADATA,
-                                   finished_run, train_and_test)
+from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, INSTANCE_TERM, MINED_PAIRS,
+                                   POSITIVE_MARGIN, WITH_METADATA, finished_run, train_and_test)
 from metadata import find_layout, join_columns, load_duplicates, load_metadata
 from metrics import auroc, partial_auc
 from splits import fold_splits, leakage_groups, split_unit, write_splits
@@ -35,10 +36,30 @@ METHODS = {
     "xbm": ("joint + cross-batch memory 256", CROSS_BATCH_MEMORY, "head"),
     "miner": ("joint + multi-similarity miner", MINED_PAIRS, "head"),
     "diagnosis": ("joint + diagnosis pairs", DIAGNOSIS_PAIRS, "head"),
+    "instance": ("joint + instance term 0.5", INSTANCE_TERM, "head"),
+    "margin": ("joint + positive margin 0.5", POSITIVE_MARGIN, "head"),
     "metadata": ("BCE only + metadata (age, sex, site)", WITH_METADATA, "head"),
 }
 BASELINES = {"baseline": "colour baseline", "metadata-baseline": "metadata baseline (age, sex, site)"}
 REFERENCE = "BCE only"  # every other method's per-fold difference is taken against it
+# How the embedding retrieves training lesions for the test split (metrics.json "retrieval"): column → (path, title)
+RETRIEVAL = {"precision_at_1": (("mean_of_classes", "precision_at_1"), "precision@1"),
+             "map_at_r": (("mean_of_classes", "mean_average_precision_at_r"), "MAP@R"),
+             "visual_agreement": (("visual_agreement@5",), "visual agreement@5"),
+             "hub_share": (("hub_share@5",), "hub share@5"),
+             "hub_max": (("hub_max@5",), "hub max@5")}
+COLUMNS = ["method", "fold", "auroc", "pauc", *RETRIEVAL]
+
+
+def retrieval_values(view: dict) -> list:
+    """RETRIEVAL's numbers of one view of test/metrics.json, NaN where it has none (older runs)."""
+    values = []
+    for path, _ in RETRIEVAL.values():
+        found = view.get("retrieval", {})
+        for key in path:
+            found = found.get(key, {}) if isinstance(found, dict) else {}
+        values.append(float(found) if isinstance(found, (int, float)) else float("nan"))
+    return values
 
 
 def metadata_baseline(frame: pd.DataFrame) -> tuple[float, float]:
@@ -59,10 +80,12 @@ def run(argv=None) -> None:
     p.add_argument("--folds", type=COUNT, default=5, help="number of patient-grouped folds, at least 2 (default 5)")
     p.add_argument("--cv-out", default="runs/crossval", help="folder for the fold runs and the table")
     p.add_argument("--methods", default="baseline,bce,knn,joint",
-                   help="comma-separated, from baseline, metadata-baseline, bce, knn, joint, xbm, miner, diagnosis, metadata (default %(default)s)")
+                   help=f"comma-separated, from {', '.join([*BASELINES, *METHODS])} (default %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="reuse fold runs in --cv-out that finished with the same settings (after a stop, or to add "
                    "methods to a table)")
+    p.add_argument("--only-finished", action="store_true",
+                   help="tabulate the fold runs in --cv-out that finished with the same settings, train none")
     args, driver_flags = p.parse_known_args(argv)
     crossval(args, driver_flags)
 
@@ -92,19 +115,23 @@ def crossval(args, driver_flags) -> None:
         splits_csv = out / f"fold{fold}" / "splits.csv"
         write_splits(frame, splits_csv)
         if "baseline" in wanted:
-            rows.append((BASELINES["baseline"], fold, *colour_baseline(frame, cache)))
+            rows.append((BASELINES["baseline"], fold, *colour_baseline(frame, cache), *[np.nan] * len(RETRIEVAL)))
         if "metadata-baseline" in wanted:
-            rows.append((BASELINES["metadata-baseline"], fold, *metadata_baseline(frame)))
+            rows.append((BASELINES["metadata-baseline"], fold, *metadata_baseline(frame), *[np.nan] * len(RETRIEVAL)))
         for key, (name, method_flags, which) in METHODS.items():
             if key not in wanted:
                 continue
             run_dir = out / f"fold{fold}" / key
             run_flags = {**given, **method_flags, "splits": str(splits_csv), "out": str(run_dir), "overwrite": True}
-            result = (args.resume and finished_run(run_dir, run_flags, splits_csv)) or train_and_test(run_flags)
-            metrics = result.get("tta", result)["scorers"][which]  # with --tta the table is of the TTA scores
-            rows.append((name, fold, metrics["auroc"], metrics["pauc"]))
+            result = (args.resume or args.only_finished) and finished_run(run_dir, run_flags, splits_csv)
+            if not result and args.only_finished:
+                continue
+            result = result or train_and_test(run_flags)
+            view = result.get("tta", result)  # with --tta the table is of the TTA scores
+            metrics = view["scorers"][which]
+            rows.append((name, fold, metrics["auroc"], metrics["pauc"], *retrieval_values(view)))
         print_table(rows, args.folds)
-    table = paired_differences(pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"]))
+    table = paired_differences(pd.DataFrame(rows, columns=COLUMNS))
     write_csv(out / "crossval.csv", table)
     flags = " ".join(driver_flags) + (" (AUROC and pAUC with test-time augmentation)" if s.tta else "")
     write_text(out / "crossval.md", f"driver.py flags: {flags}\n\n{markdown(table)}")
@@ -132,8 +159,7 @@ def markdown(table: pd.DataFrame) -> str:
     for method, part in table.groupby("method", sort=False):
         lines.append(f"| {method} | {part['auroc'].mean():.3f} ± {part['auroc'].std(ddof=1):.3f} | "
                      f"{part['pauc'].mean():.3f} ± {part['pauc'].std(ddof=1):.3f} | {len(part)} |")
-    table = paired_differences(table[["method", "fold", "auroc", "pauc"]])
-    paired = table.dropna(subset=["auroc_minus_bce"])
+    paired = paired_differences(table[["method", "fold", "auroc", "pauc"]]).dropna(subset=["auroc_minus_bce"])
     if len(paired):
         lines += ["", f"Paired per-fold differences against {REFERENCE} (method − {REFERENCE} on the same fold; "
                   "signs in fold order):", "",
@@ -143,12 +169,26 @@ def markdown(table: pd.DataFrame) -> str:
             a, p = part["auroc_minus_bce"], part["pauc_minus_bce"]
             lines.append(f"| {method} | {a.mean():+.3f} ± {a.std(ddof=1):.3f} | {_signs(a)} | "
                          f"{p.mean():+.4f} ± {p.std(ddof=1):.4f} | {_signs(p)} | {len(part)} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + retrieval_lines(table)) + "\n"
+
+
+def retrieval_lines(table: pd.DataFrame) -> list:
+    """Mean ± std over folds of how each method's embedding retrieves training lesions for the test split."""
+    if not set(RETRIEVAL) <= set(table.columns) or table[list(RETRIEVAL)].isna().all().all():
+        return []
+    lines = ["", "Retrieval of training lesions for the test split (embedding space; precision@1 and MAP@R as the "
+             "mean of the two classes):", "",
+             "| method | " + " | ".join(title for _, title in RETRIEVAL.values()) + " | folds |",
+             "|---|" + "---|" * (len(RETRIEVAL) + 1)]
+    for method, part in table.dropna(subset=list(RETRIEVAL), how="all").groupby("method", sort=False):
+        cells = [f"{part[c].mean():.3f} ± {part[c].std(ddof=1):.3f}" for c in RETRIEVAL]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(part)} |")
+    return lines
 
 
 def print_table(rows, folds):
     fold = rows[-1][1] if rows else 0
-    table = pd.DataFrame(rows, columns=["method", "fold", "auroc", "pauc"])
+    table = pd.DataFrame(rows, columns=COLUMNS)
     print(f"\n--- after fold {fold}/{folds} ---\n" + markdown(table), flush=True)
 
 

@@ -33,7 +33,7 @@ def two_tight_classes(distance=0.5):
 def test_pair_stats_of_a_hand_made_batch():
     """Positives at distance 0 cost nothing (inactive); negatives at 0.5 < margin 1 all cost 0.5 (active)."""
     embeddings, y = two_tight_classes(0.5)
-    loss, bce, contrastive, stats = JointLoss(w_bce=0.0)(embeddings, torch.zeros(4), y)
+    loss, bce, contrastive, stats, _ = JointLoss(w_bce=0.0)(embeddings, torch.zeros(4), y)
     epoch = epoch_pair_stats(stats)
     assert stats[0] == 4 and stats[3] == 8  # ordered pairs: 2 positive per class, 2 x 2 x 2 negative
     assert epoch["train_pos_active"] == 0.0 and epoch["train_neg_active"] == 1.0
@@ -50,7 +50,7 @@ def test_pair_stats_of_a_hand_made_batch():
 def test_loss_with_stats_equals_the_plain_library_loss_bit_for_bit():
     torch.manual_seed(0)
     embeddings, logits, y = torch.randn(16, 8, requires_grad=True), torch.randn(16), torch.tensor([0, 1] * 8)
-    loss, bce, contrastive, _ = JointLoss(w_bce=0.7, w_cl=1.3)(embeddings, logits, y)
+    loss, bce, contrastive, *_ = JointLoss(w_bce=0.7, w_cl=1.3)(embeddings, logits, y)
     expected_cl = ContrastiveLoss(pos_margin=0, neg_margin=1, distance=LpDistance(p=2))(embeddings, y)
     expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
     assert torch.equal(contrastive, expected_cl.detach()) and torch.equal(bce, expected_bce)

@@ -34,7 +34,7 @@ def test_loss_is_weighted_bce_plus_pml_contrastive():
     torch.manual_seed(0)
     emb, logits = torch.randn(8, 4), torch.randn(8)
     y = torch.tensor([0, 1] * 4)
-    loss, bce, cl, _ = JointLoss(w_bce=0.7, w_cl=1.3)(emb, logits, y)
+    loss, bce, cl, *_ = JointLoss(w_bce=0.7, w_cl=1.3)(emb, logits, y)
     expected_bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
     expected_cl = ContrastiveLoss(pos_margin=0, neg_margin=1, distance=LpDistance(p=2))(emb, y)
     assert bce == pytest.approx(expected_bce.item()) and cl == pytest.approx(expected_cl.item())
@@ -45,7 +45,7 @@ def test_contrastive_term_zero_when_classes_are_separated_and_positive_otherwise
     y = torch.tensor([0, 0, 1, 1])
     separated = torch.tensor([[1.0, 0], [1.0, 0], [-1.0, 0], [-1.0, 0]])  # normalised distance 2 > margin 1
     confident = torch.tensor([-20.0, -20.0, 20.0, 20.0])
-    loss, bce, cl, _ = JointLoss()(separated, confident, y)
+    loss, bce, cl, *_ = JointLoss()(separated, confident, y)
     assert cl.item() == 0.0 and bce.item() < 1e-8
     mixed = torch.tensor([[1.0, 0], [-1.0, 0], [1.0, 0], [-1.0, 0]])  # each class spread, classes overlapping
     assert JointLoss()(mixed, confident, y)[2].item() > 0.5
