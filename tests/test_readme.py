@@ -30,7 +30,7 @@ def export_flags() -> set:
 def test_every_flag_in_the_readme_is_a_flag_of_its_program(script):
     parser = {"driver.py": build_parser, "predict.py": predict.build_parser, "sample.py": sample.build_parser}
     known = export_flags() if script == "export.py" else set(parser[script]()._option_string_actions)
-    typed = [c.split("#")[0] for c in COMMANDS if f"{script} " in c]
+    typed = [c.split("#")[0].split(script)[1] for c in COMMANDS if f"{script} " in c]
     used = {flag for c in typed for flag in re.findall(r"(?<=\s)--[a-z][a-z-]*", c)}
     assert used and used <= known, used - known
 
