@@ -95,7 +95,9 @@ def prepare(work: Path) -> dict:
     make_dataset(work / "other-data", n_images=60, malignant_rate=0.3, size=32, seed=2)
     new = make_dataset(work / "scratch", n_images=5, malignant_rate=0.5, size=40, seed=3)
     shutil.copytree(new / "train-image" / "image", work / "new-images")
-    return {**os.environ, "ISIC_DATA": str(data)}
+    # One thread per command unless told otherwise: the walk is about whether commands run, and on a shared CPU
+    # PyTorch's threads spin-wait for each other.
+    return {"OMP_NUM_THREADS": "1", **os.environ, "ISIC_DATA": str(data)}
 
 
 def walk(commands: list[str], work: Path, env: dict) -> list[str]:
