@@ -1,9 +1,11 @@
-# Two commands for a fresh machine with Python 3 and pip: `make demo` and `make test`.
+# A fresh machine with Python 3 and pip: `make install` (the .venv), then `make demo` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast bench crossval scale-check gpu-check clean
+.PHONY: install demo test test-fast bench crossval readme-check scale-check gpu-check clean
+
+install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +24,15 @@ test-fast: $(VENV)/.installed  # everything but the tests that train (marked slo
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench
 
-SAMPLE ?= ../shared/data/isic2020-sample
+# The real data: a folder in the Kaggle "ISIC 2020 JPG 256x256 RESIZED" layout, from the environment or the make
+# command line (make crossval ISIC_DATA=~/isic); the development copy beside the repository otherwise.
+ISIC_DATA ?= ../shared/data/isic2020-sample
 crossval: $(VENV)/.installed
-	$(PY) -m experiments.crossval --data-dir $(SAMPLE) --profile cpu --no-tsne --cv-out runs/crossval
+	$(PY) -m experiments.crossval --data-dir $(ISIC_DATA) --profile cpu --no-tsne --cv-out runs/crossval
+
+# Runs every shell command of README.md on generated demo data.
+readme-check: $(VENV)/.installed
+	$(PY) -m experiments.readme_check
 
 # 33,126 generated images of ISIC 2020's shape (kept in data/scale-check for later calls), one epoch of resnet18 at
 # 32 px with every default output: the phase table and the peak memory (docs/scale.md).

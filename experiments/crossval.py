@@ -2,7 +2,7 @@
 (and the joint loss with a cross-batch memory, a pair miner, diagnosis pairs, an instance term or a positive margin),
 each paired with BCE-only per fold; the embeddings' retrieval of training lesions beside.
 
-    python -m experiments.crossval --data-dir ../shared/data/isic2020-sample --profile cpu      # the README's table
+    python -m experiments.crossval --data-dir "$ISIC_DATA" --profile cpu      # docs/results.md, cross-validation
 
 Each fold holds out a disjoint set of patients as its test split; the rest is split again by patient into train and
 validation (the threshold, kNN's k and, unless --select-metric last, the epoch are chosen there). Every method sees

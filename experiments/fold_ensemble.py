@@ -1,7 +1,7 @@
 """Does averaging fold models help? K members trained on K folds of the data around one held-out test split, each
 scored on that test split alone, against their ensemble (mean and rank of probabilities, ensemble.py).
 
-    python -m experiments.fold_ensemble --data-dir ../shared/data/isic2020-sample --profile cpu --out runs/fold-ensemble
+    python -m experiments.fold_ensemble --data-dir "$ISIC_DATA" --profile cpu --out runs/fold-ensemble
 
 The test split is the usual one (driver.py's, from --seed); every member keeps it unseen and validates on a different
 fold of the rest (by patient), as the ISIC 2020 winners' fold ensembles did. Numbers are the plain head's (no TTA).

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,9 +7,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
-SAMPLE = SHARED / "isic2020-sample"
-METADATA = SHARED / "isic2020-metadata"
+# The real-data tests read the data folder from one environment variable, ISIC_DATA: a folder in the Kaggle
+# "ISIC 2020 JPG 256x256 RESIZED" layout, optionally with the official ground-truth and duplicates CSVs beside it.
+# Unset, they look for the development copy beside the repository.
+DATA_VARIABLE = "ISIC_DATA"
+FALLBACK = ROOT.parent / "shared" / "data"
+SAMPLE = Path(os.environ.get(DATA_VARIABLE) or FALLBACK / "isic2020-sample")
+METADATA = Path(os.environ.get(DATA_VARIABLE) or FALLBACK / "isic2020-metadata")
 
 from demo import make_dataset  # noqa: E402
 
@@ -33,5 +38,9 @@ def cli(script, *args):
                           cwd=ROOT, timeout=600)
 
 
-def needs(path: Path):
-    return pytest.mark.skipif(not path.exists(), reason=f"real ISIC data not found at {path}")
+def needs(*paths: Path):
+    """Skip unless every path exists, saying which is missing and which variable points the tests at the data."""
+    missing = next((path for path in paths if not path.exists()), None)
+    where = f"${DATA_VARIABLE}" if os.environ.get(DATA_VARIABLE) else f"the fallback (${DATA_VARIABLE} is not set)"
+    return pytest.mark.skipif(missing is not None, reason=f"real ISIC data not found: {missing} is missing; "
+                              f"looked in {where}; set {DATA_VARIABLE} to your data folder (see README, Tests)")

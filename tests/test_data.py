@@ -86,7 +86,7 @@ def test_duplicates_join_patients_into_one_group():
     assert groups[0] == groups[1] == groups[2] != groups[3]
 
 
-@needs(METADATA)
+@needs(METADATA / "ISIC_2020_Training_GroundTruth.csv", METADATA / "ISIC_2020_Training_Duplicates.csv")
 def test_real_metadata_split_is_leakage_free_and_balanced():
     frame = load_metadata(METADATA / "ISIC_2020_Training_GroundTruth.csv")
     pairs = load_duplicates(METADATA / "ISIC_2020_Training_Duplicates.csv")
@@ -103,10 +103,11 @@ def test_real_metadata_split_is_leakage_free_and_balanced():
     assert split.equals(split_frame(frame, "patient", 0.15, 0.10, seed=42, duplicate_pairs=pairs))
 
 
-@needs(SAMPLE)
+@needs(SAMPLE / "train-metadata.csv")
 def test_real_sample_loads(tmp_path):
     data = prepare_data(Settings(data_dir=str(SAMPLE), img_size=32, workers=0, cache_dir=str(tmp_path)))
-    assert len(data.frame) == 740 and data.frame["target"].sum() == 378
+    listed = pd.read_csv(SAMPLE / "train-metadata.csv")  # 740 images, 378 malignant in the development sample
+    assert len(data.frame) == len(listed) and data.frame["target"].sum() == listed["target"].sum()
     assert data.frame.groupby("patient_id")["split"].nunique().max() == 1
     image, _ = data.dataset("test", 32)[0]
     assert image.shape == (3, 32, 32) and image.float().std() > 5  # a real picture, not a blank

@@ -324,7 +324,7 @@ def test_any_mode_and_extension_becomes_rgb_at_img_size(tmp_path):
 
 # ---------------------------------------------------------------- the "done when", on the real metadata
 
-@needs(GROUND_TRUTH)
+@needs(GROUND_TRUTH, METADATA / "ISIC_2020_Training_Duplicates.csv")
 def test_check_data_on_real_metadata_with_no_images_is_fast_and_clear(tmp_path):
     empty = tmp_path / "X"
     empty.mkdir()

@@ -1,0 +1,50 @@
+"""The README's commands against the programs: flags that exist, the --resume list, and what the walk runs."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+import predict
+import sample
+from config import RESUMABLE, build_parser
+from conftest import ROOT
+from experiments.readme_check import as_walked, readme_commands, skip_reason
+
+README = (ROOT / "README.md").read_text()
+COMMANDS = readme_commands(README)
+
+
+def test_resume_flags_in_the_readme_are_the_programs():
+    line = next(c for c in COMMANDS if "driver.py --resume" in c)
+    listed = set(re.findall(r"--[a-z-]+", line.split("may also take:")[1]))
+    assert listed == {"--" + name.replace("_", "-") for name in RESUMABLE - {"resume"}}
+
+
+def export_flags() -> set:
+    shown = subprocess.run([sys.executable, str(ROOT / "export.py"), "--help"], capture_output=True, text=True)
+    return set(re.findall(r"--[a-z][a-z-]*", shown.stdout))
+
+
+@pytest.mark.parametrize("script", ["driver.py", "predict.py", "sample.py", "export.py"])
+def test_every_flag_in_the_readme_is_a_flag_of_its_program(script):
+    parser = {"driver.py": build_parser, "predict.py": predict.build_parser, "sample.py": sample.build_parser}
+    known = export_flags() if script == "export.py" else set(parser[script]()._option_string_actions)
+    typed = [c.split("#")[0].split(script)[1] for c in COMMANDS if f"{script} " in c]
+    used = {flag for c in typed for flag in re.findall(r"(?<=\s)--[a-z][a-z-]*", c)}
+    assert used and used <= known, used - known
+
+
+def test_the_walk_runs_untagged_commands_with_tiny_settings_and_skips_tagged_ones():
+    assert len(COMMANDS) > 15
+    assert skip_reason("python driver.py --data-dir D   # [GPU] [download] big") == "[GPU] [download]"
+    assert skip_reason("python predict.py --run runs/first   # its test split") is None
+    walked = as_walked('python driver.py --data-dir "$ISIC_DATA" --out runs/x   # a comment')
+    assert walked.startswith('python driver.py --data-dir "$ISIC_DATA" --out runs/x --backbone resnet18')
+    assert "#" not in walked and "--epochs 1" in walked
+    resume = "python driver.py --resume runs/x"
+    assert as_walked(f"{resume}   # may also take: --device") == resume
+    assert as_walked("make install") == "make -o .venv/.installed install"
+    walked_or_tagged = [c for c in COMMANDS if skip_reason(c) is None]
+    assert any("driver.py --demo" in c for c in walked_or_tagged)
+    assert all(not c.startswith(("export ", "pip ", "torchrun ")) for c in walked_or_tagged)
