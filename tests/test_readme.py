@@ -18,7 +18,8 @@ COMMANDS = readme_commands(README)
 def test_resume_flags_in_the_readme_are_the_programs():
     line = next(c for c in COMMANDS if "driver.py --resume" in c)
     listed = set(re.findall(r"--[a-z-]+", line.split("may also take:")[1]))
-    assert listed == {"--" + name.replace("_", "-") for name in RESUMABLE - {"resume"}}
+    flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    assert listed == {flags[name] for name in RESUMABLE - {"resume"}}
 
 
 def export_flags() -> set:
