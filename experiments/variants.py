@@ -10,18 +10,18 @@ from splits import read_splits
 
 # Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
 CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}
-# The joint loss with a contrastive term given a fairer chance (issue #14): more pairs per melanoma from a memory of
+# The joint loss with a contrastive term given a fairer chance: more pairs per melanoma from a memory of
 # recent batches (256 = 8 batches of 32, about half an epoch of a fold of the sample), only the informative pairs,
 # or pairs by diagnosis (needs a 'diagnosis' column, e.g. --extra-csv ISIC_2020_Training_GroundTruth.csv).
 CROSS_BATCH_MEMORY = {"xbm": 256}
 MINED_PAIRS = {"miner": "multisimilarity"}
 DIAGNOSIS_PAIRS = {"pair_labels": "diagnosis"}
-# The joint loss keeping lesions apart within a class (issue #25): NT-Xent between two augmented views of each image
+# The joint loss keeping lesions apart within a class: NT-Xent between two augmented views of each image
 # beside the class term, or a positive margin (normalised distances lie in [0, 2]; random directions sit ~1.4 apart)
 # below which same-class pairs are no longer pulled together.
 INSTANCE_TERM = {"w_instance": 0.5}
 POSITIVE_MARGIN = {"pos_margin": 0.5}
-# BCE alone with age, sex and site beside the image embedding (issue #16; the columns come from the metadata CSV or
+# BCE alone with age, sex and site beside the image embedding (the columns come from the metadata CSV or
 # --extra-csv, e.g. the official ground truth joined onto the Kaggle 256 px layout).
 WITH_METADATA = {"w_cl": 0.0, "metadata": "age,sex,site"}
 
