@@ -208,6 +208,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, monkeypa
                 calls.append(1)
                 loss, *rest = loss_fn(*a)
                 return (loss * float("nan") if len(calls) == 3 else loss), *rest
+            poisoned.w_instance = loss_fn.w_instance  # the loop reads whether to draw a second view
             bound.arguments["loss_fn"] = poisoned
         return real_epoch(*bound.args, **bound.kwargs)
 
