@@ -81,6 +81,19 @@ def official_csvs(data: Path, seed: int = 0) -> None:
         data / "ISIC_2020_Training_Duplicates.csv", index=False)
 
 
+
+def renumber(folder: Path, first: int) -> Path:
+    """Give a generated dataset image ids of its own (ISIC_<first>...): the demo generator numbers every dataset
+    alike, and predict.py leaves out images whose id the run trained on."""
+    csv = folder / "train-metadata.csv"
+    frame = pd.read_csv(csv, index_col=0)
+    renamed = {old: f"ISIC_{first + k:07d}" for k, old in enumerate(frame["isic_id"])}
+    for old, new in renamed.items():
+        (folder / "train-image" / "image" / f"{old}.jpg").rename(folder / "train-image" / "image" / f"{new}.jpg")
+    frame["isic_id"] = frame["isic_id"].map(renamed)
+    frame.to_csv(csv)
+    return folder
+
 def prepare(work: Path) -> dict:
     """A fresh copy of the repository with its data; returns the environment the commands run in."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -92,8 +105,8 @@ def prepare(work: Path) -> dict:
     (work / ".venv").symlink_to((ROOT / ".venv").resolve())
     data = make_dataset(work / "data" / "isic", n_images=800, malignant_rate=0.2, size=32, seed=1)
     official_csvs(data)
-    make_dataset(work / "other-data", n_images=60, malignant_rate=0.3, size=32, seed=2)
-    new = make_dataset(work / "scratch", n_images=5, malignant_rate=0.5, size=40, seed=3)
+    renumber(make_dataset(work / "other-data", n_images=60, malignant_rate=0.3, size=32, seed=2), 8_000_000)
+    new = renumber(make_dataset(work / "scratch", n_images=5, malignant_rate=0.5, size=40, seed=3), 8_100_000)
     shutil.copytree(new / "train-image" / "image", work / "new-images")
     # One thread per command unless told otherwise: the walk is about whether commands run, and on a shared CPU
     # PyTorch's threads spin-wait for each other.
