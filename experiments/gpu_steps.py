@@ -23,7 +23,18 @@ TINY = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--e
 RUN_FILES = ["config.json", "splits.csv", "data_report.txt", "history.csv", "best.pt", "last.pt", "loss.png",
              "accuracy.png", "auroc.png", "pauc.png", "val/metrics.json", "test/metrics.json",
              "test/predictions.csv"]
-METRIC_TOLERANCE = 1e-3  # re-scoring on a GPU may pick other cuDNN kernels: bf16 rounding moves scores slightly
+# Re-scoring on a GPU may pick other cuDNN kernels, whose bf16 rounding moves scores and embeddings slightly. Rank
+# metrics of the scores barely move; a metric of discrete events (an image on either side of the threshold, a query's
+# nearest training lesions) may move by an event or two; sizes (n, queries, R, references) must not move at all.
+METRIC_TOLERANCE = 1e-3
+EVENT_RATES = {"accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "ece",
+               "ece_prior_corrected", "precision_at_1", "r_precision", "mean_average_precision_at_r",
+               "visual_agreement@5", "hub_share@5"}
+EVENT_COUNTS = {"confusion_matrix", "hub_max@5"}
+
+
+def tolerance(key: str) -> float:
+    return 0.02 if key in EVENT_RATES else 2 if key in EVENT_COUNTS else METRIC_TOLERANCE
 
 
 class Failure(Exception):
@@ -190,23 +201,31 @@ def rescore(c: Check) -> str:
         return "predict.py --run reproduced test/metrics.json byte for byte"
     if found != ["test/metrics.json: differs"]:
         raise Failure("; ".join(found))
-    worst, where = largest_difference(json.loads((source / "test/metrics.json").read_text()),
-                                      json.loads((copy / "test/metrics.json").read_text()))
-    if worst > METRIC_TOLERANCE:
-        raise Failure(f"test metrics not reproduced: {where} differs by {worst:.2g} (tolerance {METRIC_TOLERANCE})")
-    return f"test metrics reproduced within {worst:.1g} (largest: {where}; GPU kernels are not bit-repeatable)"
+    differing = differing_metrics(json.loads((source / "test/metrics.json").read_text()),
+                                  json.loads((copy / "test/metrics.json").read_text()))
+    beyond = [f"{where} differs by {difference:.2g} (tolerance {allowed:g})"
+              for where, difference, allowed in differing if difference > allowed]
+    if beyond:
+        raise Failure("test metrics not reproduced: " + "; ".join(beyond[:3]))
+    if not differing:
+        return "predict.py --run reproduced every value of test/metrics.json"
+    where, difference, allowed = max(differing, key=lambda d: d[1] / d[2])
+    return (f"test metrics reproduced within tolerance: {len(differing)} values differ, the nearest to its limit "
+            f"{where} by {difference:.2g} of {allowed:g} (GPU kernels are not bit-repeatable)")
 
 
-def largest_difference(a, b, where="") -> tuple[float, str]:
-    """The largest absolute difference between two JSON values of the same shape, and where it is."""
+def differing_metrics(a, b, where="", key="") -> list[tuple[str, float, float]]:
+    """(where, absolute difference, tolerance) of every value that differs between two JSON values of one shape; a
+    list's items take the tolerance of the key that holds the list."""
     if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
-        return max((largest_difference(a[k], b[k], f"{where}.{k}".strip(".")) for k in a), default=(0.0, where))
+        return [found for k in a for found in differing_metrics(a[k], b[k], f"{where}.{k}".strip("."), k)]
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return max((largest_difference(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))),
-                   default=(0.0, where))
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return (0.0 if a == b or (a != a and b != b) else abs(a - b)), where
-    return (0.0 if a == b else float("inf")), where
+        return [found for i, (x, y) in enumerate(zip(a, b)) for found in
+                differing_metrics(x, y, f"{where}[{i}]", key)]
+    if a == b or (a != a and b != b):
+        return []
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return [(where, abs(a - b) if numbers else float("inf"), tolerance(key))]
 
 
 def kill_and_resume(c: Check) -> str:
