@@ -96,32 +96,48 @@ def forward_views(model, images, metadata, augment, two_views: bool):
     return embeddings[:n], logits[:n], embeddings[n:]
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype,
-                    epoch: int, epochs: int, stop: StopRequest | None = None, ema=None, board=None) -> dict:
+@dataclass
+class Stepper:
+    """What an optimisation step uses: the model that steps (compiled or DDP-wrapped), the loss, the optimiser, its
+    schedule and loss scaler, the batch augmentation, the device and autocast precision, the weight average."""
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    augment: object  # uint8 batch on the device → augmented float batch
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    ema: WeightAverage | None = None
+
+
+def train_one_epoch(step: Stepper, loader, epoch: int, epochs: int, stop: StopRequest | None = None,
+                    board=None) -> dict:
+    model, loss_fn, optimizer, scheduler, device = step.model, step.loss_fn, step.optimizer, step.scheduler, step.device
     model.train()
     # loss, bce, contrastive, instance, correct, then the pair counts (losses.pair_stats)
     totals = np.zeros(5 + len(PAIR_STATS))
     window, seen = [], 0
     bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=None if is_main() else True)
-    for step, (images, targets, pair_labels, metadata) in enumerate(bar, start=1):
+    for number, (images, targets, pair_labels, metadata) in enumerate(bar, start=1):
         images = to_float(images.to(device, non_blocking=True))
         targets, pair_labels = targets.to(device, non_blocking=True), pair_labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
             embeddings, logits, second = forward_views(model, images, metadata.to(device, non_blocking=True),
-                                                       augment, loss_fn.w_instance > 0)
+                                                       step.augment, loss_fn.w_instance > 0)
         loss, bce, contrastive, pairs, instance = loss_fn(embeddings, logits, targets, pair_labels, second)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step.scaler.scale(loss).backward()
+        step.scaler.step(optimizer)
+        step.scaler.update()
         scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
+        if step.ema is not None:
+            step.ema.update_parameters(model)
         correct = ((logits.detach() > 0) == (targets > 0.5)).sum()
         window.append(torch.cat([torch.stack([loss.detach(), bce, contrastive, instance, correct.float()]), pairs]))
         seen += len(targets)
-        synced = step % SYNC_EVERY == 0 or step == len(loader)
+        synced = number % SYNC_EVERY == 0 or number == len(loader)
         if synced:
             values = torch.stack(window).cpu().numpy()  # the one host sync per window
             bad = np.flatnonzero(~np.isfinite(values[:, 0]))
@@ -129,10 +145,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, augmen
             # gradient all-reduce for one that has left.
             bad_anywhere, stop_anywhere = any_rank([len(bad) > 0, stop is not None and bool(stop.signal)])
             if len(bad):
-                first = step - len(window) + bad[0] + 1
+                first = number - len(window) + bad[0] + 1
                 raise NonFiniteLoss(f"loss became {values[bad[0], 0]} at epoch {epoch}, step {first}")
             if bad_anywhere:
-                raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch}, step {step} or before")
+                raise NonFiniteLoss(f"loss became non-finite on another rank at epoch {epoch}, step {number} or before")
             totals += values.sum(0) * [*[len(targets)] * 4, *[1] * (1 + len(PAIR_STATS))]
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if board is not None:
@@ -314,6 +330,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     if dist.is_initialized():
         step_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
     eval_model = state.ema.module if state.ema is not None else compiled
+    stepper = Stepper(step_model, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype, state.ema)
     if resume_from is not None:
         restore(state, resume_from, out_dir, s)
     elif is_main():  # epoch 0: a kill during the first epoch can be resumed too
@@ -328,8 +345,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
             seed_epoch(loader, s.seed, epoch)
             try:
                 with timings.phase(f"training.epoch{epoch}", note=f"{len(loader)} steps"):
-                    row = train_one_epoch(step_model, loader, loss_fn, optimizer, scheduler, scaler, augment, device,
-                                          amp_dtype, epoch, s.epochs, stop, state.ema, board)
+                    row = train_one_epoch(stepper, loader, epoch, s.epochs, stop, board)
             except Interrupted as e:
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None

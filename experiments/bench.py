@@ -32,7 +32,7 @@ from inference import evaluate
 from losses import build_loss
 from modules import SiameseNet
 from pipeline import CACHE_BUILD_WORKERS, loader_workers
-from train import build_optimizer, moving_average, train_one_epoch
+from train import Stepper, build_optimizer, moving_average, train_one_epoch
 from utils import seed_everything, set_deterministic
 
 
@@ -104,12 +104,12 @@ def real_rates(s, data, device, compile_model: bool = False):
     ema = moving_average(model, s.ema, s.epochs * len(loader))
     step_model = torch.compile(model) if compile_model else model
     eval_model = ema.module if ema is not None else step_model
-    args = (step_model, loader, build_loss(s).to(device), optimizer, scheduler, scaler, BatchAugment().to(device),
-            device, amp, 1, 1, None, ema)
-    train_one_epoch(*args)  # warm-up: worker start, allocator, cuDNN autotuning, compilation
+    stepper = Stepper(step_model, build_loss(s).to(device), optimizer, scheduler, scaler, BatchAugment().to(device),
+                      device, amp, ema)
+    train_one_epoch(stepper, loader, 1, 1)  # warm-up: worker start, allocator, cuDNN autotuning, compilation
     sync(device)
     start = time.perf_counter()
-    train_one_epoch(*args)
+    train_one_epoch(stepper, loader, 1, 1)
     sync(device)
     train = rate(len(loader) * s.batch_size, time.perf_counter() - start)
     val = eval_loader(data, "train", s, device)

@@ -1,5 +1,6 @@
 """Faults a long run meets, on real tiny runs: SIGKILL in the middle of a save, SIGTERM, a checkpoint carrying pickled
 code, a NaN loss; and the promise behind --resume: killed and resumed, a run ends exactly as an uninterrupted one."""
+import dataclasses
 import inspect
 import json
 import os
@@ -23,7 +24,7 @@ TINY = tiny(3, workers=None)
 
 # driver.main in a child process with one function patched, to put a fault at an exact point of a real run.
 CHILD = r"""
-import inspect, io, os, signal, sys, time
+import dataclasses, inspect, io, os, signal, sys, time
 import torch, driver, train
 mode, epoch, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if mode == "kill-in-save":  # SIGKILL halfway through writing last.pt of `epoch`
@@ -44,7 +45,7 @@ if mode == "pause-in-step":  # step 2 of `epoch` creates `marker`, then waits fo
     def one_epoch(*args, **kwargs):
         bound = inspect.signature(real_epoch).bind(*args, **kwargs)
         if bound.arguments["epoch"] == epoch:
-            augment, steps = bound.arguments["augment"], []
+            augment, steps = bound.arguments["step"].augment, []
             def slow_augment(images):
                 steps.append(1)
                 if len(steps) == 2:
@@ -53,7 +54,7 @@ if mode == "pause-in-step":  # step 2 of `epoch` creates `marker`, then waits fo
                     while not stop.signal and time.time() < waited + 120:
                         time.sleep(0.05)
                 return augment(images)
-            bound.arguments["augment"] = slow_augment
+            bound.arguments["step"] = dataclasses.replace(bound.arguments["step"], augment=slow_augment)
         return real_epoch(*bound.args, **bound.kwargs)
     train.train_one_epoch = one_epoch
 sys.exit(driver.main(sys.argv[4:]))
@@ -202,14 +203,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoints(data, tmp_path, monkeypa
     def nan_at_step_3_of_epoch_2(*args, **kwargs):
         bound = inspect.signature(real_epoch).bind(*args, **kwargs)
         if bound.arguments["epoch"] == 2:
-            loss_fn, calls = bound.arguments["loss_fn"], []
+            loss_fn, calls = bound.arguments["step"].loss_fn, []
 
             def poisoned(*a):
                 calls.append(1)
                 loss, *rest = loss_fn(*a)
                 return (loss * float("nan") if len(calls) == 3 else loss), *rest
             poisoned.w_instance = loss_fn.w_instance  # the loop reads whether to draw a second view
-            bound.arguments["loss_fn"] = poisoned
+            bound.arguments["step"] = dataclasses.replace(bound.arguments["step"], loss_fn=poisoned)
         return real_epoch(*bound.args, **bound.kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", nan_at_step_3_of_epoch_2)

@@ -109,8 +109,9 @@ def test_steps_are_logged_at_the_host_syncs_from_host_values(tmp_path, monkeypat
             super().steps(window)
     no_scaling = torch.amp.GradScaler("cpu", enabled=False)
     with SummaryWriter(tmp_path) as writer:
-        train.train_one_epoch(model, batches, build_loss(s), optimizer, scheduler, no_scaling, lambda images: images,
-                              torch.device("cpu"), None, 1, 1, board=Recording(writer, scheduler))
+        stepper = train.Stepper(model, build_loss(s), optimizer, scheduler, no_scaling, lambda images: images,
+                                torch.device("cpu"))
+        train.train_one_epoch(stepper, batches, 1, 1, board=Recording(writer, scheduler))
     assert [step for step, _ in windows] == [2, 4, 5]
     assert all(isinstance(window, np.ndarray) and len(window) == n for (_, window), n in zip(windows, (2, 2, 1)))
     events = EventAccumulator(str(tmp_path))
