@@ -1,4 +1,4 @@
-"""The data a run reads: metadata, split and decoded images (image_cache.py) as datasets and loaders."""
+"""The data a run reads: metadata, split and decoded images (isic/image_cache.py) as datasets and loaders."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,18 +9,18 @@ import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
 from torch.utils.data import DataLoader, Dataset
 
-import timings
-from distributed import world_size
-from image_cache import cached_images, decode, decode_all
-from metadata import find_layout, join_columns, load_metadata, locate_images, pair_label_codes
-from splits import SPLITS, apply_saved_split, read_splits, require_both_classes, split_rows
+from engine import timings
+from engine.distributed import world_size
+from isic.image_cache import cached_images, decode, decode_all
+from isic.metadata import find_layout, join_columns, load_metadata, locate_images, pair_label_codes
+from isic.splits import SPLITS, apply_saved_split, read_splits, require_both_classes, split_rows
 from utils import UserError
 
 
 class ImageDataset(Dataset):
     """Rows of one split → (uint8 images (B, 3, S, S), float targets (B,), int64 pair labels (B,), float metadata
     (B, F)), a whole batch per fetch. Pair labels are what the contrastive term pairs by: the targets unless given
-    (e.g. diagnosis codes). Metadata are the encoded patient features (tabular.py), F = 0 without --metadata, so every
+    (e.g. diagnosis codes). Metadata are the encoded patient features (isic/tabular.py), F = 0 without --metadata, so every
     batch has the same four parts. One item, dataset[i], is (image, target).
 
     Fetching by batch (__getitems__) turns a batch from the cache into one sorted read of the memory-mapped array
@@ -88,7 +88,7 @@ class Data:
     bad_images: dict             # isic_id -> error, for unreadable images (skipped with --skip-bad-images)
     problems: list = field(default_factory=list)  # what makes the data unusable, found by --check-data
     source: str = ""             # the metadata CSV and the image folder
-    metadata: np.ndarray | None = None  # encoded patient features (tabular.py) per row of `frame`, with --metadata
+    metadata: np.ndarray | None = None  # encoded patient features (isic/tabular.py) per row of `frame`, with --metadata
 
     def dataset(self, split: str, size: int) -> ImageDataset:
         chosen = (self.frame["split"] == split).to_numpy()

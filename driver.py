@@ -11,8 +11,8 @@ import sys
 
 import torch.distributed as dist
 
-from config import parse_cli
-from pipeline import run
+from engine.config import parse_cli
+from workflow.pipeline import run
 from utils import cli_main
 
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from augment import to_float
-from config import COUNT, Parser, add_settings
-from image_cache import read_rgb, resize_and_crop
-from inference import load_run
-from metadata import find_layout, locate_images
-from splits import read_splits
+from engine.augment import to_float
+from engine.config import COUNT, Parser, add_settings
+from isic.image_cache import read_rgb, resize_and_crop
+from isic.metadata import find_layout, locate_images
+from isic.splits import read_splits
+from scoring.inference import load_run
 from utils import UserError, atomic_path, cli_main
 
 TOLERANCE = 0.02  # largest accepted |probability difference| between the exported model and the run

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from checkpoints import load_checkpoint
+from engine.checkpoints import load_checkpoint
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,7 +51,7 @@ METADATA_WIDTH = 16  # what the metadata branch adds to the head's input: a few 
 
 
 class SiameseNet(nn.Module):
-    """images in [0, 1] (and encoded patient metadata, tabular.py) → (embedding, logit).
+    """images in [0, 1] (and encoded patient metadata, isic/tabular.py) → (embedding, logit).
 
     The embedding is the image's alone: similarity, kNN and retrieval compare lesions, not patients. With metadata,
     a small branch joins the embedding in front of the head only. `normalize_input` applies ImageNet mean/std for

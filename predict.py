@@ -6,7 +6,7 @@
     python predict.py --run runs/X --data-dir OTHER     # every row of another labelled dataset, every scorer
     python predict.py --run runs/X --images FOLDER      # unlabelled images: scores and nearest training lesions
     python predict.py --run runs/X --images FOLDER --projector   # ... and their embeddings for TensorBoard (OUT/tb)
-    python predict.py --run runs/cv/fold*/bce --images FOLDER --out E   # an ensemble of runs (see ensemble.py)
+    python predict.py --run runs/cv/fold*/bce --images FOLDER --out E   # an ensemble of runs (see workflow/ensemble.py)
 
 Another labelled dataset may hold images the run trained or validated on (by id, from its splits.csv): those are
 scored into seen_in_training.csv and left out of the metrics unless --include-seen. An ensemble writes only under
@@ -19,20 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
-import timings
-from config import COUNT, Parser, add_settings
 from dataset import prepare_data
-from devices import pick_device
-from ensemble import HOW, Member, write_ensemble
-from evaluation import (LoadedRun, OtherData, evaluate_run, evaluate_split, needs_val, predict_dataset,
+from engine import timings
+from engine.config import COUNT, Parser, add_settings
+from engine.devices import pick_device
+from workflow.ensemble import HOW, Member, write_ensemble
+from workflow.evaluation import (LoadedRun, OtherData, evaluate_run, evaluate_split, needs_val, predict_dataset,
                         predict_images)
-from inference import load_run
-from metadata import find_layout, load_metadata
-from reports import BOOTSTRAP, summary_line
-from splits import read_splits, train_prevalence
-from tabular import with_metadata
+from isic.metadata import find_layout, load_metadata
+from isic.splits import read_splits, train_prevalence
+from isic.tabular import with_metadata
+from reporting.reports import BOOTSTRAP, summary_line
+from reporting.webreport import write_report
+from scoring.inference import load_run
 from utils import UserError, cli_main
-from webreport import write_report
 
 ELSEWHERE = {"data_dir": "another labelled dataset (same layouts as driver.py): score every row",
              "csv": "with --image-dir: another labelled dataset given by its CSV",

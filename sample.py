@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from config import COUNT, Parser, add_settings
-from metadata import ID_COLUMNS, find_layout, load_metadata, locate_images, read_csv
+from engine.config import COUNT, Parser, add_settings
+from isic.metadata import ID_COLUMNS, find_layout, load_metadata, locate_images, read_csv
 from utils import UserError, cli_main, write_csv
 
 OFFICIAL_CSVS = ("ISIC_2020_Training_GroundTruth.csv", "ISIC_2020_Training_Duplicates.csv")

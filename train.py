@@ -17,19 +17,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import plots
-import timings
-import webreport
-from augment import BatchAugment, to_float
-from checkpoints import FORMAT, evaluation_checkpoint, save_checkpoint
 from dataset import eval_loader, train_loader
-from devices import autocast_dtype
-from distributed import any_rank, is_main, rank, settle, step_failure, world_size
-from inference import evaluate
-from losses import PAIR_STATS, build_loss, epoch_pair_stats
-from metrics import auroc, partial_auc, threshold_metrics, youden_threshold
-from tensorboard_log import training_board
-from weight_average import WeightAverage
+from engine import timings
+from engine.augment import BatchAugment, to_float
+from engine.checkpoints import FORMAT, evaluation_checkpoint, save_checkpoint
+from engine.devices import autocast_dtype
+from engine.distributed import any_rank, is_main, rank, settle, step_failure, world_size
+from engine.losses import PAIR_STATS, build_loss, epoch_pair_stats
+from engine.weight_average import WeightAverage
+from reporting import plots, webreport
+from reporting.tensorboard_log import training_board
+from scoring.inference import evaluate
+from scoring.metrics import auroc, partial_auc, threshold_metrics, youden_threshold
 from utils import UserError, remove_stale_temporaries, rng_state, seed_everything, set_rng_state, write_csv
 
 SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syncs keep the GPU queue full
@@ -189,7 +188,7 @@ def seed_epoch(loader, seed: int, epoch: int) -> None:
 
 
 def moving_average(model, decay: float, total_steps: int):
-    """An exponential moving average of the weights and BatchNorm statistics (weight_average.py), or None."""
+    """An exponential moving average of the weights and BatchNorm statistics (engine/weight_average.py), or None."""
     if not decay:
         return None
     if not 0 < decay < 1:

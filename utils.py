@@ -1,6 +1,6 @@
 """User-facing errors, the supported-version check, seeding and random states, atomic file writes.
 
-Device choice and precision live in devices.py, the torchrun helpers in distributed.py."""
+Device choice and precision live in engine/devices.py, the torchrun helpers in engine/distributed.py."""
 from __future__ import annotations
 
 import contextlib

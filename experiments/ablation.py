@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
-import pipeline
-from config import SEED, Parser, parse_cli
+from engine.config import SEED, Parser, parse_cli
 from experiments.variants import CONTRASTIVE_ONLY, train_and_test
+from workflow import pipeline
 from utils import cli_main, write_csv
 
 # name → (loss weights, scorers reported); the head of a model trained without BCE is not a classifier

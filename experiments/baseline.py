@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tabular import MetadataEncoder
+from isic.tabular import MetadataEncoder
 
 
 def colour_features(images: np.ndarray) -> np.ndarray:

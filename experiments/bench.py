@@ -23,16 +23,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from config import Settings
-from augment import BatchAugment, to_float
 from dataset import ImageDataset, eval_loader, image_loader, prepare_data, train_loader
-from demo import make_dataset
-from devices import autocast_dtype
-from inference import evaluate
-from losses import build_loss
+from engine.augment import BatchAugment, to_float
+from engine.config import Settings
+from engine.devices import autocast_dtype
+from engine.losses import build_loss
+from isic.demo import make_dataset
 from modules import SiameseNet
-from pipeline import CACHE_BUILD_WORKERS, loader_workers
+from scoring.inference import evaluate
 from train import Stepper, build_optimizer, moving_average, train_one_epoch
+from workflow.pipeline import CACHE_BUILD_WORKERS, loader_workers
 from utils import seed_everything, set_deterministic
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from config import Parser, Settings, add_settings
+from engine.config import Parser, Settings, add_settings
 from modules import build_model
 from train import TrainingState, build_optimizer, end_of_epoch, moving_average
 from utils import cli_main

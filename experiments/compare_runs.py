@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from config import Parser
+from engine.config import Parser
 from experiments.comparison import COMPARED, differences
 from utils import UserError, cli_main
 

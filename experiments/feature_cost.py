@@ -9,7 +9,7 @@ import time
 import torch
 
 from modules import SiameseNet
-from visual_similarity import image_features
+from scoring.visual_similarity import image_features
 
 
 def best_time(work, repeats: int) -> float:

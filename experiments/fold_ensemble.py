@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import pipeline
-from config import COUNT, Parser, parse_cli, settings_from_cli
-from ensemble import HOW, Member, write_ensemble
+from engine.config import COUNT, Parser, parse_cli, settings_from_cli
 from experiments.variants import finished_run, train_and_test
-from splits import read_splits, rotating_val_splits, train_prevalence, write_splits
+from isic.splits import read_splits, rotating_val_splits, train_prevalence, write_splits
+from workflow import pipeline
+from workflow.ensemble import HOW, Member, write_ensemble
 from utils import cli_main, write_text
 
 

@@ -107,7 +107,7 @@ def environment(c: Check) -> str:
         import utils  # noqa: F401  (refuses, in one line, a torch older than the code supports)
     except SystemExit as e:
         raise Failure(str(e)) from None
-    from devices import autocast_dtype
+    from engine.devices import autocast_dtype
     from utils import version_problem
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
              f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, {pml}",
@@ -154,7 +154,7 @@ def gpu_tests(c: Check) -> str:
 
 
 def generate_data(c: Check) -> str:
-    from demo import make_dataset
+    from isic.demo import make_dataset
     n, side = (120, 40) if c.tiny else (3000, 96)  # the run resizes to --img-size; small files generate fast
     if not (c.data / "train-metadata.csv").is_file():
         make_dataset(c.data, n_images=n, malignant_rate=0.2 if c.tiny else 0.15, size=side, seed=0)

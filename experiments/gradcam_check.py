@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demo import lesion
-from explain import grad_cam
-from inference import load_run
+from isic.demo import lesion
+from reporting.explain import grad_cam
+from scoring.inference import load_run
 
 PLACES = {"centre": (0, 0), "top-left": (-12, -12), "bottom-right": (12, 12), "top-right": (-12, 12)}
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from demo import make_dataset
+from isic.demo import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = re.compile(r"\[(GPU|download|long)\]")

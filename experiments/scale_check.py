@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
-import timings
-from demo import lesion
-from image_cache import decode, read_rgb, resize_and_crop
-from pipeline import run
+from engine import timings
+from isic.demo import lesion
+from isic.image_cache import decode, read_rgb, resize_and_crop
+from workflow.pipeline import run
 from utils import cli_main
 
 DATA = Path("data/scale-check")

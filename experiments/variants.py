@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from config import NOT_OUTCOME, Settings, settings_from_cli
-from pipeline import run
-from splits import read_splits
+from engine.config import NOT_OUTCOME, Settings, settings_from_cli
+from isic.splits import read_splits
+from workflow.pipeline import run
 
 # Without BCE the head is untrained, so its validation metric cannot pick an epoch: keep the final weights.
 CONTRASTIVE_ONLY = {"w_bce": 0.0, "select_metric": "last"}

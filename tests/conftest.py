@@ -15,7 +15,7 @@ FALLBACK = ROOT.parent / "shared" / "data"
 SAMPLE = Path(os.environ.get(DATA_VARIABLE) or FALLBACK / "isic2020-sample")
 METADATA = Path(os.environ.get(DATA_VARIABLE) or FALLBACK / "isic2020-metadata")
 
-from demo import make_dataset  # noqa: E402
+from isic.demo import make_dataset  # noqa: E402
 
 # The smallest real run, shared by every test that trains (mark those tests `slow`).
 TINY_FLAGS = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--embedding-dim", "16", "--no-tsne"]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import driver  # noqa: E402
-import pipeline  # noqa: E402
-import tabular  # noqa: E402
+from isic import tabular  # noqa: E402
+from workflow import pipeline  # noqa: E402
 import train  # noqa: E402
 from utils import UserError  # noqa: E402
 

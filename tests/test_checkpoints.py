@@ -5,10 +5,10 @@ import time
 
 import torch
 
-from checkpoints import load_checkpoint, save_checkpoint
-from config import Settings
-from inference import load_run
+from engine.checkpoints import load_checkpoint, save_checkpoint
+from engine.config import Settings
 from modules import build_model
+from scoring.inference import load_run
 from train import TrainingState, build_optimizer, end_of_epoch, moving_average
 
 ROW = dict(epoch=1, train_loss=1.0, train_bce=0.5, train_contrastive=0.5, val_loss=1.0, val_auroc=0.7, val_pauc=0.05,

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from config import (NOT_OUTCOME, RESUMABLE, SEED, Settings, add_settings, build_parser, parse_cli,
+from engine.config import (NOT_OUTCOME, RESUMABLE, SEED, Settings, add_settings, build_parser, parse_cli,
                     settings_from_cli)
 
 
@@ -68,7 +68,7 @@ def test_add_settings_to_another_parser():
 
 def test_every_path_setting_is_stored_absolute(tmp_path, monkeypatch):
     """predict.py --run R reads the run's paths from config.json, from whatever folder it is started in."""
-    import pipeline
+    from workflow import pipeline
     monkeypatch.chdir(tmp_path)
     paths = ("data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir")
     s = pipeline.new_settings({**{name: f"rel/{name}" for name in paths}, "out": "run"})

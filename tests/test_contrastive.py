@@ -12,14 +12,14 @@ from pytorch_metric_learning.losses import ContrastiveLoss
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 import driver
+from engine.checkpoints import load_checkpoint
+from engine.config import Settings
 import train
-from checkpoints import load_checkpoint
-from config import Settings
 from conftest import tiny
 from dataset import prepare_data
+from engine.losses import JointLoss, epoch_pair_stats
 from experiments.crossval import markdown, paired_differences
-from losses import JointLoss, epoch_pair_stats
-from metadata import join_columns, pair_label_codes
+from isic.metadata import join_columns, pair_label_codes
 from utils import UserError
 
 

@@ -9,11 +9,11 @@ import torch
 
 from conftest import tiny
 
-from checkpoints import evaluation_weights
-from config import parse_cli
+from engine.checkpoints import evaluation_weights
+from engine.config import parse_cli
 from experiments import crossval
-from metadata import find_layout, load_metadata
-from splits import fold_splits, leakage_groups
+from isic.metadata import find_layout, load_metadata
+from isic.splits import fold_splits, leakage_groups
 
 TINY = tiny(2)
 

@@ -13,16 +13,16 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-import devices
+from engine import devices
 import train
 from conftest import ROOT, tiny
-from config import Settings
-from demo import make_dataset
-from devices import autocast_dtype, pick_device
+from engine.config import Settings
+from engine.devices import autocast_dtype, pick_device
+from engine.weight_average import WeightAverage
+from isic.demo import make_dataset
 from modules import SiameseNet
 from train import TrainingState, precision_change
 from utils import UserError, rng_state, set_rng_state
-from weight_average import WeightAverage
 
 CUDA = torch.cuda.is_available()
 

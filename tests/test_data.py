@@ -3,12 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from config import Settings
+from engine.config import Settings
 from conftest import METADATA, SAMPLE, needs
-from augment import BatchAugment
 from dataset import eval_loader, prepare_data, train_loader
-from metadata import find_layout, load_duplicates, load_metadata
-from splits import leakage_groups, split_frame, write_splits
+from engine.augment import BatchAugment
+from isic.metadata import find_layout, load_duplicates, load_metadata
+from isic.splits import leakage_groups, split_frame, write_splits
 from utils import UserError
 
 

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from config import Settings
+from engine.config import Settings
 from conftest import METADATA, ROOT, needs
 from dataset import prepare_data
-from metadata import load_metadata
-from splits import split_frame, write_splits
 from driver import main
+from isic.metadata import load_metadata
+from isic.splits import split_frame, write_splits
 from utils import UserError
 
 GROUND_TRUTH = METADATA / "ISIC_2020_Training_GroundTruth.csv"

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
-import image_cache
 from experiments.scale_check import distinct_image
-from image_cache import dct_scale, decode, read_rgb, resize_and_crop
+from isic import image_cache
+from isic.image_cache import dct_scale, decode, read_rgb, resize_and_crop
 
 
 def full_decode(path, size):

@@ -11,9 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from conftest import ROOT, tiny
-from demo import make_dataset
-from checkpoints import load_checkpoint
-from tabular import ENCODER_FILE
+from engine.checkpoints import load_checkpoint
+from isic.demo import make_dataset
+from isic.tabular import ENCODER_FILE
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                  reason="this PyTorch build has no torch.distributed with the gloo backend"),

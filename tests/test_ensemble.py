@@ -11,9 +11,9 @@ import pytest
 
 import predict
 from conftest import ROOT, tiny
-from demo import make_dataset
-from config import Settings
-from ensemble import Member, combine, write_ensemble
+from engine.config import Settings
+from isic.demo import make_dataset
+from workflow.ensemble import Member, combine, write_ensemble
 from utils import write_csv, write_json
 
 

@@ -10,12 +10,12 @@ import torch
 
 import predict
 from conftest import ROOT, tiny
-from demo import make_dataset
-from metrics import (auroc, bootstrap_ci, bootstrap_weights, expected_calibration_error, partial_auc,
+from isic.demo import make_dataset
+from scoring.metrics import (auroc, bootstrap_ci, bootstrap_weights, expected_calibration_error, partial_auc,
                      prior_corrected_logits, roc_areas, sigmoid)
+from engine.augment import DihedralTTA
 from modules import SiameseNet
-from augment import DihedralTTA
-from retrieval import knn_scores, prototype_scores
+from scoring.retrieval import knn_scores, prototype_scores
 
 TINY = tiny(1)
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.augment import to_float
 import export
-from augment import to_float
 from conftest import ROOT, tiny
-from demo import make_dataset
-from image_cache import read_rgb, resize_and_crop
-from inference import load_run
+from isic.demo import make_dataset
+from isic.image_cache import read_rgb, resize_and_crop
+from scoring.inference import load_run
 
 
 class Pixels(nn.Module):

@@ -16,8 +16,8 @@ import torch
 import driver
 import train
 from conftest import ROOT, tiny
-from demo import make_dataset
-from checkpoints import load_checkpoint, save_checkpoint
+from engine.checkpoints import load_checkpoint, save_checkpoint
+from isic.demo import make_dataset
 from utils import UserError
 
 TINY = tiny(3, workers=None)

@@ -6,12 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-import explain
-import plots
-from config import Settings
-from inference import Predictions
-from references import References
-from reports import Scoring, figure_subject, write_labelled
+from engine.config import Settings
+from reporting import explain, plots
+from reporting.reports import Scoring, figure_subject, write_labelled
+from scoring.inference import Predictions
+from scoring.references import References
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, save_checkpoint
+from engine.checkpoints import load_checkpoint, save_checkpoint
 from conftest import ROOT, tiny
-from config import Settings
-from inference import load_run
-from losses import JointLoss
+from engine.config import Settings
+from engine.losses import JointLoss
 from modules import SiameseNet
+from scoring.inference import load_run
 from train import build_optimizer, moving_average
 
 CUDA = torch.cuda.is_available()
@@ -195,7 +195,7 @@ def test_gpu_check_fails_when_a_step_fails(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- defaults that fit the device; supported versions
 
 def test_loader_workers_by_device_and_data_path():
-    from pipeline import DECODE_WORKERS, loader_workers
+    from workflow.pipeline import DECODE_WORKERS, loader_workers
     assert loader_workers(torch.device("cpu"), cached=True) == 0  # the cache costs the main process almost nothing
     assert loader_workers(torch.device("cpu"), cached=False) == DECODE_WORKERS == min(4, os.cpu_count())
     assert loader_workers(torch.device("cuda"), cached=True) == DECODE_WORKERS

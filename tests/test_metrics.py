@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metrics import all_metrics, auroc, partial_auc, threshold_metrics, youden_threshold
+from scoring.metrics import all_metrics, auroc, partial_auc, threshold_metrics, youden_threshold
 
 
 def pauc_by_cutting_the_curve(y, p, min_tpr=0.8):

@@ -3,9 +3,9 @@ import torch
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import ContrastiveLoss
 
-from config import Settings
+from engine.config import Settings
+from engine.losses import JointLoss
 from modules import SiameseNet, build_model
-from losses import JointLoss
 from train import build_optimizer
 from utils import UserError
 

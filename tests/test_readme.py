@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
+from engine.config import RESUMABLE, build_parser
 import predict
 import sample
-from config import RESUMABLE, build_parser
 from conftest import ROOT
 from experiments.readme_check import as_walked, readme_commands, skip_reason
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from engine.config import Settings
+from reporting import webreport
 import train
-import webreport
-from config import Settings
 from conftest import cli, tiny
-from webreport_html import is_number, leaves
+from reporting.webreport_html import is_number, leaves
 
 SECTIONS = ["What was run", "Training curves", "Test summary", "ROC, precision-recall and calibration", "Embeddings",
             "Error gallery"]

@@ -8,18 +8,18 @@ import pandas as pd
 import pytest
 import torch
 
-import devices
 import driver
-import evaluation
-import inference
+from engine import devices
+from engine.checkpoints import load_checkpoint, save_checkpoint
+from engine.config import Settings
 import predict
-from checkpoints import load_checkpoint, save_checkpoint
-from config import Settings
+from scoring import inference
+from workflow import evaluation
 from conftest import tiny
 from modules import SiameseNet
-from references import STORE, References, load_references, save_references, weights_fingerprint
-from inference import Predictions
-from retrieval import nearest, retrieval_metrics
+from scoring.inference import Predictions
+from scoring.references import STORE, References, load_references, save_references, weights_fingerprint
+from scoring.retrieval import nearest, retrieval_metrics
 
 
 def test_an_embedding_equal_to_a_training_one_is_its_nearest_at_distance_0():

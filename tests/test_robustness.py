@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import image_cache
+from engine.checkpoints import load_checkpoint
+from isic import image_cache
 import predict
-from checkpoints import load_checkpoint
 from conftest import ROOT, tiny
-from image_cache import cached_images, decode, decode_all
-from demo import make_dataset
+from isic.demo import make_dataset
+from isic.image_cache import cached_images, decode, decode_all
 from utils import UserError, atomic_path, write_text
 
 SIZE = 16
@@ -119,7 +119,7 @@ def test_whole_cache_is_reused_untouched(images, tmp_path, capsys):
 # holds the lock until the test creates `release` (so that the other one surely arrives while the cache is half-built).
 SHARER = r"""
 import os, sys, time
-import image_cache
+from isic import image_cache
 cache, marker, release, paths = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 real = image_cache.decode_all
 def counted(*args, **kwargs):

@@ -1,8 +1,8 @@
 import pandas as pd
 
 from conftest import cli
-from demo import make_dataset
-from metadata import load_metadata
+from isic.demo import make_dataset
+from isic.metadata import load_metadata
 
 
 def test_sample_keeps_whole_patients_both_classes_and_the_official_csvs(tmp_path):

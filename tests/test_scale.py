@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pandas as pd
 
-import plots
-import retrieval
 from experiments.scale_check import generate, images_per_patient
+from reporting import plots
+from scoring import retrieval
 
 TINY_SIZES = ((0.2, [(300, 200)], 1), (0.8, [(48, 48)], 3))
 

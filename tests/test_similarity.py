@@ -7,12 +7,12 @@ import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss, SelfSupervisedLoss
 from torch import nn
 
-from augment import BatchAugment
+from engine.augment import BatchAugment
 from conftest import tiny
-from losses import JointLoss
+from engine.losses import JointLoss
 from test_faults import CHILD, assert_same_results, finish, start
+from scoring.visual_similarity import feature_space, hubness, image_features, visual_agreement
 from train import forward_views
-from visual_similarity import feature_space, hubness, image_features, visual_agreement
 
 
 def nt_xent(a, b, temperature):
@@ -114,7 +114,7 @@ def test_image_features_tell_colours_apart_at_any_image_size():
 def test_resume_is_exact_with_the_instance_term(tmp_path):
     """Killed halfway through writing last.pt of epoch 2 and resumed (epoch 2 replayed by a new process): the same
     files as an uninterrupted run."""
-    from demo import make_dataset
+    from isic.demo import make_dataset
     data = make_dataset(tmp_path / "data", n_images=120, malignant_rate=0.2, size=40, seed=1)
     given = ["--data-dir", data, "--cache-dir", tmp_path / "cache", *tiny(2), "--w-instance", "0.5"]
     reference = start("driver.py", *given, "--out", tmp_path / "reference")

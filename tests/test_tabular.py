@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tabular import MetadataEncoder, parse_fields
+from isic.tabular import MetadataEncoder, parse_fields
 from utils import UserError
 
 TRAIN = pd.DataFrame({"age_approx": [30, 50, None, 70], "sex": ["male", "female", "female", None],
@@ -57,7 +57,7 @@ def test_new_data_under_the_other_column_names_is_read_not_taken_as_missing():
 def test_scoring_images_without_their_metadata_says_how_much_is_unknown(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from tabular import run_features
+    from isic.tabular import run_features
     MetadataEncoder.fit(TRAIN, ["age", "sex", "site"]).save(tmp_path)
     s = SimpleNamespace(metadata="age,sex,site")
     run_features(tmp_path, s, TRAIN)  # 2 of 12 facts unknown: nothing to say
@@ -84,7 +84,7 @@ def metadata_run(tmp_path_factory):
     import sys
 
     from conftest import ROOT, tiny
-    from demo import make_dataset
+    from isic.demo import make_dataset
     root = tmp_path_factory.mktemp("metadata")
     data = make_dataset(root / "data", n_images=80, malignant_rate=0.3, size=32, seed=4)
     ids = pd.read_csv(data / "train-metadata.csv")[["isic_id", "target"]]
@@ -106,7 +106,7 @@ def test_metadata_run_saves_its_encoder_and_predict_reproduces_it(metadata_run):
     import json
 
     import predict
-    from inference import load_run
+    from scoring.inference import load_run
     root, data, run = metadata_run
     encoder = MetadataEncoder.load(run)
     assert encoder.columns == {"age": "age_approx", "sex": "sex", "site": "anatom_site_general_challenge"}

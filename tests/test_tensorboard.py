@@ -27,12 +27,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 import driver
 import predict
-import tensorboard_log
+from reporting import tensorboard_log
 import train
 from conftest import tiny
-from config import Settings
-from image_cache import decode
-from losses import build_loss
+from engine.config import Settings
+from engine.losses import build_loss
+from isic.image_cache import decode
 from modules import SiameseNet
 
 def board(run) -> EventAccumulator:

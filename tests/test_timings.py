@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-import timings
+from engine import timings
 
 
 def test_phases_are_written_as_they_end_and_summarised(tmp_path):

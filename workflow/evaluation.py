@@ -11,22 +11,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import Settings
-import timings
 from dataset import ImageDataset, load_images
-from explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
-from inference import Predictions, score
-from metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
-from metrics import auroc, partial_auc, youden_threshold
-from references import References, train_references, views
-from reports import BOOTSTRAP, Scoring, write_labelled
-from retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
-from splits import SEEN, seen_note, split_of
-from tabular import run_features
-from tensorboard_log import FOLDER as TENSORBOARD, add_projector
-from visual_similarity import dataset_features, retrieval_quality
+from engine import timings
+from engine.config import Settings
+from isic.metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
+from isic.splits import SEEN, seen_note, split_of
+from isic.tabular import run_features
+from reporting.explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
+from reporting.reports import BOOTSTRAP, Scoring, write_labelled
+from reporting.tensorboard_log import FOLDER as TENSORBOARD, add_projector
+from reporting.webreport import SKIPPED
+from scoring.inference import Predictions, score
+from scoring.metrics import auroc, partial_auc, youden_threshold
+from scoring.references import References, train_references, views
+from scoring.retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
+from scoring.visual_similarity import dataset_features, retrieval_quality
 from utils import UserError, write_csv
-from webreport import SKIPPED
 
 K_GRID = (5, 15, 45, 135)  # neighbours tried for the kNN score; the best on validation is kept
 SEEN_FILE = "seen_in_training.csv"  # images of another dataset that the run trained or validated on

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from distributed import on_main
+from engine.distributed import on_main
 from utils import UserError, write_json
 
 # Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.

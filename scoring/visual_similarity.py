@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from retrieval import nearest
+from scoring.retrieval import nearest
 
 K = 5  # neighbours judged, as similar.png and neighbours.csv show them
 FEATURE_SIDE = 64  # every image is described at this side, whatever the run's --img-size: runs stay comparable

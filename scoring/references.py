@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import timings
-from augment import DihedralTTA
-from checkpoints import save_checkpoint
 from dataset import prepare_data
-from devices import precision_name
-from inference import score
-from metadata import ID_COLUMNS, find_layout, read_csv
-from tabular import with_metadata
-from visual_similarity import dataset_features
+from engine import timings
+from engine.augment import DihedralTTA
+from engine.checkpoints import save_checkpoint
+from engine.devices import precision_name
+from isic.metadata import ID_COLUMNS, find_layout, read_csv
+from isic.tabular import with_metadata
+from scoring.inference import score
+from scoring.visual_similarity import dataset_features
 
 STORE = "train_embeddings.pt"
 FORMAT = 2  # raise when the stored fields change

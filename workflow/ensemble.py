@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from evaluation import SEEN_FILE
-from inference import Predictions
-from metrics import auroc, partial_auc
-from reports import BOOTSTRAP, Scoring, write_labelled
+from reporting.reports import BOOTSTRAP, Scoring, write_labelled
+from scoring.inference import Predictions
+from scoring.metrics import auroc, partial_auc
+from workflow.evaluation import SEEN_FILE
 from utils import UserError, write_csv, write_json
 
 HOW = ("mean", "rank")

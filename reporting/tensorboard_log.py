@@ -23,12 +23,12 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import make_grid
 
-from config import NOT_OUTCOME
 from dataset import image_loader
-from distributed import is_main
-from inference import score
-from references import diagnosis_column
-from retrieval import embedding_space
+from engine.config import NOT_OUTCOME
+from engine.distributed import is_main
+from scoring.inference import score
+from scoring.references import diagnosis_column
+from scoring.retrieval import embedding_space
 from utils import atomic_path
 
 FOLDER = "tb"

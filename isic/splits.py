@@ -13,7 +13,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from metadata import load_duplicates
+from isic.metadata import load_duplicates
 from utils import UserError, write_csv
 
 SPLITS = ("train", "val", "test")

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-import plots
-import timings
-from inference import Predictions
-from metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
+from engine import timings
+from reporting import plots
+from scoring.inference import Predictions
+from scoring.metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
                      prior_corrected_logits, sigmoid)
-from retrieval import embedding_space
+from scoring.retrieval import embedding_space
 from utils import write_csv, write_json, write_text
 
 BOOTSTRAP = 1000  # resamples behind each 95% confidence interval

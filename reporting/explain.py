@@ -6,11 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import plots
-from augment import to_float
-from image_cache import decode
-from inference import Predictions
-from metadata import find_layout, locate_images
+from engine.augment import to_float
+from isic.image_cache import decode
+from isic.metadata import find_layout, locate_images
+from reporting import plots
+from scoring.inference import Predictions
 from utils import UserError
 
 GALLERY = 4  # cases per row of gallery.png

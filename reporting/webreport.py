@@ -21,9 +21,9 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup
 
-from config import PROFILES, Settings
+from engine.config import PROFILES, Settings
 from utils import write_text
-from webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
+from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
                             is_number, leaves, number_groups, plural, read_csv, read_json, readable, same_as_default,
                             timings)
 

@@ -13,21 +13,21 @@ from pathlib import Path
 
 import torch
 
-import timings
-from checkpoints import evaluation_weights, load_checkpoint, require_resumable
-from config import RESUMABLE, Settings, settings_from_cli
 from dataset import data_report, prepare_data
-from demo import make_dataset
-from devices import autocast_dtype, pick_device
-from distributed import broadcast, init_distributed, is_main, rank0_first
-from evaluation import LoadedRun, evaluate_run
+from engine import timings
+from engine.checkpoints import evaluation_weights, load_checkpoint, require_resumable
+from engine.config import RESUMABLE, Settings, settings_from_cli
+from engine.devices import autocast_dtype, pick_device
+from engine.distributed import broadcast, init_distributed, is_main, rank0_first
+from isic.demo import make_dataset
+from isic.splits import write_splits
+from isic.tabular import metadata_width, with_metadata
 from modules import build_model
-from reports import summary_line
-from splits import write_splits
-from tabular import metadata_width, with_metadata
-from tensorboard_log import write_results
+from reporting.reports import summary_line
+from reporting.tensorboard_log import write_results
+from reporting.webreport import record_command, write_report
 from train import fit
-from webreport import record_command, write_report
+from workflow.evaluation import LoadedRun, evaluate_run
 from utils import UserError, library_versions, seed_everything, set_deterministic, write_json, write_text
 
 DEMO_DATA = Path("data/demo")

@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-import timings
+from engine import timings
 from utils import UserError, atomic_path, require_free_space, write_json
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.

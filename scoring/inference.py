@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from augment import to_float
-from checkpoints import evaluation_weights, load_checkpoint
-from config import Settings
 from dataset import image_loader
-from devices import autocast_dtype
+from engine.augment import to_float
+from engine.checkpoints import evaluation_weights, load_checkpoint
+from engine.config import Settings
+from engine.devices import autocast_dtype
+from isic.tabular import metadata_width
 from modules import build_model
-from tabular import metadata_width
 from utils import UserError
 
 
