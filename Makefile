@@ -16,10 +16,10 @@ demo: $(VENV)/.installed
 	$(PY) driver.py --demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --dist loadfile tests
 
 test-fast: $(VENV)/.installed  # everything but the tests that train (marked slow)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
 
 bench: $(VENV)/.installed
 	$(PY) -m experiments.bench

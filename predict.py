@@ -25,7 +25,7 @@ from engine.config import COUNT, Parser, add_settings
 from engine.devices import pick_device
 from workflow.ensemble import HOW, Member, write_ensemble
 from workflow.evaluation import (LoadedRun, OtherData, evaluate_run, evaluate_split, needs_val, predict_dataset,
-                        predict_images)
+                                 predict_images)
 from isic.metadata import find_layout, load_metadata
 from isic.splits import read_splits, train_prevalence
 from isic.tabular import with_metadata

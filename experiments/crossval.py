@@ -22,7 +22,7 @@ from dataset import load_images
 from engine.config import COUNT, Parser, Settings, parse_cli, settings_from_cli
 from experiments.baseline import fit_colour_baseline, metadata_baseline_scores, score_colour_baseline
 from experiments.variants import (CONTRASTIVE_ONLY, CROSS_BATCH_MEMORY, DIAGNOSIS_PAIRS, INSTANCE_TERM, MINED_PAIRS,
-                                   POSITIVE_MARGIN, WITH_METADATA, finished_run, train_and_test)
+                                  POSITIVE_MARGIN, WITH_METADATA, finished_run, train_and_test)
 from isic.metadata import find_layout, join_columns, load_duplicates, load_metadata
 from isic.splits import fold_splits, leakage_groups, split_unit, write_splits
 from scoring.metrics import auroc, partial_auc

@@ -13,7 +13,7 @@ from engine import timings
 from reporting import plots
 from scoring.inference import Predictions
 from scoring.metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
-                     prior_corrected_logits, sigmoid)
+                             prior_corrected_logits, sigmoid)
 from scoring.retrieval import embedding_space
 from utils import write_csv, write_json, write_text
 

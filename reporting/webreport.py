@@ -23,9 +23,9 @@ from markupsafe import Markup
 
 from engine.config import PROFILES, Settings
 from utils import write_text
-from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
-                            is_number, leaves, number_groups, plural, read_csv, read_json, readable, same_as_default,
-                            timings)
+from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt,
+                                      history_cell, is_number, leaves, number_groups, plural, read_csv, read_json,
+                                      readable, same_as_default, timings)
 
 REPORT, COMMANDS, TIMINGS, SKIPPED = "report.html", "commands.txt", "timings.json", "skipped_images.csv"
 SPLITS = ("test", "val")  # test first: the headline (and first when the columns stack in a narrow window)

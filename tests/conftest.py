@@ -1,12 +1,17 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Tiny models run fastest on one thread each (more threads only wait on each other), and `make test` runs two tests
+# at once (pytest-xdist); every run a test starts inherits this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The real-data tests read the data folder from one environment variable, ISIC_DATA: a folder in the Kaggle
 # "ISIC 2020 JPG 256x256 RESIZED" layout, optionally with the official ground-truth and duplicates CSVs beside it.
 # Unset, they look for the development copy beside the repository.
@@ -26,10 +31,45 @@ def tiny(epochs: int, workers: int | None = 0) -> list[str]:
     return [*TINY_FLAGS, "--epochs", str(epochs), *([] if workers is None else ["--workers", str(workers)])]
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that `make(folder)` fills once per test session, also when pytest-xdist runs the session in several
+    processes: the first to need it makes it under a lock, the others wait and reuse it."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A 160-image synthetic dataset in the Kaggle layout (about 15% malignant)."""
-    return make_dataset(tmp_path_factory.mktemp("tiny"), n_images=160, malignant_rate=0.2, size=40, seed=1)
+    return made_once(tmp_path_factory, "tiny",
+                     lambda folder: make_dataset(folder, n_images=160, malignant_rate=0.2, size=40, seed=1))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tiny_data, tmp_path_factory):
+    """The one tiny reference run of a test session (the command line, 2 epochs, TTA), shared by every test that only
+    reads a finished run; a test that writes into a run takes `run_copy`. Returns (run folder, the command's result)."""
+    def train(folder):
+        result = cli("driver.py", "--data-dir", tiny_data, "--out", folder / "run", "--cache-dir", folder / "cache",
+                     *tiny(2), "--tta")
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder / "stdout.txt").write_text(result.stdout)
+    folder = made_once(tmp_path_factory, "finished", train)
+    stdout = (folder / "stdout.txt").read_text()
+    return folder / "run", subprocess.CompletedProcess("driver.py", 0, stdout, "")
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    """A copy of the shared run for a test that writes into it (predict.py --run rewrites its evaluations)."""
+    return Path(shutil.copytree(finished_run[0], tmp_path / "run"))
 
 
 def cli(script, *args):

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from engine.config import (NOT_OUTCOME, RESUMABLE, SEED, Settings, add_settings, build_parser, parse_cli,
-                    settings_from_cli)
+                           settings_from_cli)
 
 
 def flag_dests(parser):

@@ -12,6 +12,7 @@ from conftest import tiny
 from engine.checkpoints import evaluation_weights
 from engine.config import parse_cli
 from experiments import crossval
+from experiments.variants import CONTRASTIVE_ONLY
 from isic.metadata import find_layout, load_metadata
 from isic.splits import fold_splits, leakage_groups
 
@@ -43,7 +44,7 @@ def test_duplicate_pairs_across_patients_stay_in_one_split_of_every_fold(tiny_da
 def cv(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cv")
     driver_flags = ["--data-dir", str(tiny_data), "--cache-dir", str(tmp_path_factory.mktemp("cache")), *TINY]
-    args = ["--folds", "2", "--cv-out", str(out), "--methods", "baseline,knn,joint", *driver_flags]
+    args = ["--folds", "2", "--cv-out", str(out), "--methods", "baseline,knn", *driver_flags]
     assert crossval.main(args) == 0
     return out, args, driver_flags
 
@@ -52,14 +53,14 @@ def cv(tiny_data, tmp_path_factory):
 def test_table_holds_every_method_on_the_same_folds(cv):
     out, *_ = cv
     table = pd.read_csv(out / "crossval.csv")
-    assert sorted(table.groupby("method")["fold"].apply(sorted).tolist()) == [[1, 2]] * 3
+    assert sorted(table.groupby("method")["fold"].apply(sorted).tolist()) == [[1, 2]] * 2
     assert table["auroc"].between(0, 1).all() and table["pauc"].between(0, 0.2).all()
-    assert "| joint (BCE + contrastive) |" in (out / "crossval.md").read_text()
+    assert "| contrastive + kNN |" in (out / "crossval.md").read_text()
     assert "--epochs 2" in (out / "crossval.md").read_text()
     assert (pd.read_csv(out / "fold1" / "splits.csv")["split_by"] == "patient").all()
     for fold in (1, 2):
         fold_split = pd.read_csv(out / f"fold{fold}" / "splits.csv")
-        for method in ("knn", "joint"):
+        for method in ("knn",):
             run_split = pd.read_csv(out / f"fold{fold}" / method / "splits.csv")
             assert run_split[["isic_id", "split"]].equals(fold_split[["isic_id", "split"]])
 
@@ -79,21 +80,21 @@ def test_contrastive_only_run_is_scored_on_its_final_weights(cv):
 def test_resume_reuses_finished_runs_with_the_same_settings(cv, capsys):
     out, args, _ = cv
     before = (out / "crossval.csv").read_text()
-    saved = (out / "fold1" / "joint" / "best.pt").stat().st_mtime_ns
+    saved = (out / "fold1" / "knn" / "best.pt").stat().st_mtime_ns
     assert crossval.main([*args, "--resume"]) == 0
-    assert capsys.readouterr().out.count("reusing") == 4
+    assert capsys.readouterr().out.count("reusing") == 2
     assert (out / "crossval.csv").read_text() == before
-    assert (out / "fold1" / "joint" / "best.pt").stat().st_mtime_ns == saved
+    assert (out / "fold1" / "knn" / "best.pt").stat().st_mtime_ns == saved
 
 
 @pytest.mark.slow
 def test_resume_does_not_reuse_a_run_with_other_settings(cv):
     out, _, driver_flags = cv
-    given = parse_cli(driver_flags)
-    run, splits = out / "fold1" / "joint", out / "fold1" / "splits.csv"
+    given = {**parse_cli(driver_flags), **CONTRASTIVE_ONLY}  # the knn method's settings
+    run, splits = out / "fold1" / "knn", out / "fold1" / "splits.csv"
     assert crossval.finished_run(run, {**given, "splits": str(splits)}, splits) is not None
     assert crossval.finished_run(run, {**given, "splits": str(splits), "epochs": 3}, splits) is None
-    assert crossval.finished_run(out / "fold2" / "joint", {**given, "splits": str(splits)}, splits) is None
+    assert crossval.finished_run(out / "fold2" / "knn", {**given, "splits": str(splits)}, splits) is None
 
 
 def test_fewer_than_two_folds_is_one_clear_error(capsys):

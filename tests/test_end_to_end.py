@@ -14,18 +14,9 @@ EVAL_FILES = ["metrics.json", "predictions.csv", "classification_report.txt", "r
 TINY = tiny(2)
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    cache = tmp_path_factory.mktemp("cache")
-    result = cli("driver.py", "--data-dir", tiny_data, "--out", out, "--cache-dir", cache, *TINY)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
 @pytest.mark.slow
-def test_run_writes_every_output(tiny_run):
-    out, result = tiny_run
+def test_run_writes_every_output(finished_run):
+    out, result = finished_run
     for name in RUN_FILES:
         assert (out / name).is_file(), name
     for split in ("val", "test"):
@@ -42,8 +33,8 @@ def test_run_writes_every_output(tiny_run):
 
 
 @pytest.mark.slow
-def test_test_metrics_are_consistent(tiny_run):
-    out, _ = tiny_run
+def test_test_metrics_are_consistent(finished_run):
+    out, _ = finished_run
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     val = json.loads((out / "val" / "metrics.json").read_text())
     predictions = pd.read_csv(out / "test" / "predictions.csv")
@@ -61,8 +52,8 @@ def test_test_metrics_are_consistent(tiny_run):
 
 
 @pytest.mark.slow
-def test_predict_reproduces_test_metrics(tiny_run):
-    out, _ = tiny_run
+def test_predict_reproduces_test_metrics(run_copy):
+    out = run_copy
     before = json.loads((out / "test" / "metrics.json").read_text())
     result = cli("predict.py", "--run", out, "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,8 +61,8 @@ def test_predict_reproduces_test_metrics(tiny_run):
 
 
 @pytest.mark.slow
-def test_predict_on_unlabelled_images(tiny_run, tiny_data, tmp_path):
-    out, _ = tiny_run
+def test_predict_on_unlabelled_images(finished_run, tiny_data, tmp_path):
+    out, _ = finished_run
     result = cli("predict.py", "--run", out, "--images", tiny_data / "train-image" / "image", "--out", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = pd.read_csv(tmp_path / "predictions.csv")
@@ -79,8 +70,8 @@ def test_predict_on_unlabelled_images(tiny_run, tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_existing_run_is_not_overwritten(tiny_run, tiny_data):
-    out, _ = tiny_run
+def test_existing_run_is_not_overwritten(finished_run, tiny_data):
+    out, _ = finished_run
     result = cli("driver.py", "--data-dir", tiny_data, "--out", out, *TINY)
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "Traceback" not in result.stderr
@@ -103,15 +94,16 @@ def test_bad_input_gives_one_line_error(args, message, tmp_path):
 @needs(SAMPLE)
 def test_real_sample_end_to_end(tmp_path):
     out = tmp_path / "r"
-    result = cli("driver.py", "--data-dir", SAMPLE, "--out", out, "--cache-dir", tmp_path / "cache", *TINY)
+    result = cli("driver.py", "--data-dir", SAMPLE, "--out", out, "--cache-dir", tmp_path / "cache", *tiny(1))
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert metrics["n"] == (pd.read_csv(out / "splits.csv")["split"] == "test").sum()
 
 
 @pytest.mark.slow
-def test_runs_and_predictions_record_where_their_time_goes(tiny_run):
-    out, result = tiny_run
+def test_runs_and_predictions_record_where_their_time_goes(finished_run, run_copy):
+    result = finished_run[1]
+    out = run_copy
     phases = json.loads((out / "timings.json").read_text())["phases"]
     names = [p["name"] for p in phases]
     for name in ("data.metadata", "data.split", "data.cache", "training.epoch1", "validation.epoch2",

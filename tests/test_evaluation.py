@@ -1,7 +1,5 @@
 """Evaluation extras on small cases with known answers: bootstrap CIs, embedding scorers, calibration, TTA, figures."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -9,15 +7,12 @@ import pytest
 import torch
 
 import predict
-from conftest import ROOT, tiny
-from isic.demo import make_dataset
 from scoring.metrics import (auroc, bootstrap_ci, bootstrap_weights, expected_calibration_error, partial_auc,
-                     prior_corrected_logits, roc_areas, sigmoid)
+                             prior_corrected_logits, roc_areas, sigmoid)
 from engine.augment import DihedralTTA
 from modules import SiameseNet
 from scoring.retrieval import knn_scores, prototype_scores
 
-TINY = tiny(1)
 
 
 def scored(n, seed=0):
@@ -123,12 +118,8 @@ def test_tta_of_a_flip_and_rotation_invariant_image_equals_the_plain_prediction(
 # ---------------------------------------------------------------- a tiny run writes every new output
 
 @pytest.mark.slow
-def test_tiny_run_writes_calibration_pr_gallery_and_tta(tmp_path, capsys):
-    data, out = make_dataset(tmp_path / "data", n_images=80, malignant_rate=0.3, size=36, seed=2), tmp_path / "r"
-    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                             "--cache-dir", str(tmp_path / "cache"), "--tta", *TINY],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_tiny_run_writes_calibration_pr_gallery_and_tta(finished_run, run_copy, capsys):
+    result, out = finished_run[1], run_copy
     assert "kNN (k=" in result.stdout and "prototype" in result.stdout and "head, TTA" in result.stdout
     for name in ("calibration.png", "pr.png", "gallery.png", "roc.png"):
         assert (out / "test" / name).stat().st_size > 1000, name

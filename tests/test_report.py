@@ -15,7 +15,7 @@ from PIL import Image
 from engine.config import Settings
 from reporting import webreport
 import train
-from conftest import cli, tiny
+from conftest import cli
 from reporting.webreport_html import is_number, leaves
 
 SECTIONS = ["What was run", "Training curves", "Test summary", "ROC, precision-recall and calibration", "Embeddings",
@@ -378,18 +378,9 @@ def test_headless_chromium_opens_the_page_narrow_and_printed(tmp_path):
 
 # ---------------------------------------------------------------- a real tiny run through the command lines
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "r"
-    result = cli("driver.py", "--data-dir", tiny_data, "--out", out, "--cache-dir", tmp_path_factory.mktemp("cache"),
-                 *tiny(2), "--tta")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
-
-
 @pytest.mark.slow
-def test_report_of_a_tiny_run(tiny_run):
-    out, result = tiny_run
+def test_report_of_a_tiny_run(finished_run):
+    out, result = finished_run
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report.html'}"
     page = check_numbers(out)
     assert page.headings[:len(SECTIONS)] == SECTIONS
@@ -400,8 +391,8 @@ def test_report_of_a_tiny_run(tiny_run):
 
 
 @pytest.mark.slow
-def test_predict_rewrites_the_report(tiny_run, tiny_data, tmp_path):
-    out, _ = tiny_run
+def test_predict_rewrites_the_report(run_copy, tiny_data, tmp_path):
+    out = run_copy
     result = cli("predict.py", "--run", out, "--split", "val", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"report: {out / 'report.html'}" in result.stdout

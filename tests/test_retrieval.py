@@ -8,14 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-import driver
 from engine import devices
 from engine.checkpoints import load_checkpoint, save_checkpoint
 from engine.config import Settings
 import predict
 from scoring import inference
 from workflow import evaluation
-from conftest import tiny
 from modules import SiameseNet
 from scoring.inference import Predictions
 from scoring.references import STORE, References, load_references, save_references, weights_fingerprint
@@ -88,11 +86,10 @@ def test_other_weights_or_another_precision_invalidate_stored_embeddings(tmp_pat
 
 
 @pytest.mark.slow
-def test_predict_images_lists_neighbours_and_embeds_the_training_split_once(tiny_data, tmp_path, monkeypatch):
+def test_predict_images_lists_neighbours_and_embeds_the_training_split_once(run_copy, tiny_data, tmp_path,
+                                                                            monkeypatch):
     """Once per weights and precision: references embedded in bf16 are not used for float32 queries."""
-    run = tmp_path / "run"
-    assert driver.main(["--data-dir", str(tiny_data), "--out", str(run), "--cache-dir", str(tmp_path / "cache"),
-                        *tiny(1)]) == 0
+    run = run_copy
     splits = pd.read_csv(run / "splits.csv")
     known = splits.loc[splits["split"] == "train", "isic_id"].iloc[3]
     folder = tmp_path / "new"
@@ -107,9 +104,11 @@ def test_predict_images_lists_neighbours_and_embeds_the_training_split_once(tiny
             "--neighbours", "3"]
 
     def scored() -> int:
+        """Passes over a set of images: each is scored twice, plainly and with TTA, as the run was trained with --tta."""
         passes.clear()
         assert predict.main(args) == 0
-        return len(passes)
+        assert len(passes) % 2 == 0
+        return len(passes) // 2
 
     assert scored() == 2  # the training split, then the folder
     assert scored() == 1  # the folder only: the training embeddings come from RUN/train_embeddings.pt

@@ -52,10 +52,8 @@ def flags(data, cache):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tb") / "run"
-    assert driver.main([*flags(tiny_data, tmp_path_factory.mktemp("cache")), "--out", str(out)]) == 0
-    return out
+def tiny_run(finished_run):
+    return finished_run[0]
 
 
 @pytest.fixture(scope="module")
