@@ -82,7 +82,8 @@ def write_export(model: nn.Module, img_size: int, path: Path, fmt: str) -> None:
             3: torch.export.Dim("width", min=2)}
     program = torch.export.export(Deployable(model, img_size).eval(), (example,), dynamic_shapes=(free,))
     if fmt == "pt2":
-        torch.export.save(program, path)
+        with open(path, "wb") as f:  # a handle: torch warns about a path without the .pt2 suffix (a temporary file)
+            torch.export.save(program, f)
         return
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
         raise UserError("--format onnx needs the onnx exporter packages: pip install onnx onnxscript onnxruntime")
