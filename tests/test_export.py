@@ -1,6 +1,10 @@
 """export.py: the exported model, fed images of any size as they are, reproduces the pipeline's preprocessing and the
 run's own probabilities."""
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -14,9 +18,10 @@ from torch import nn
 
 from engine.augment import to_float
 import export
-from conftest import ROOT, SAMPLE, tiny
+from conftest import ROOT, SAMPLE, cli, tiny
 from experiments.scale_check import distinct_image
 from isic.demo import make_dataset
+from isic.metadata import load_metadata, locate_images
 from isic.image_cache import decode, read_rgb, resize_and_crop
 from scoring.inference import load_run
 
@@ -180,13 +185,13 @@ def run_on_larger_files(request, tmp_path_factory):
                              "--cache-dir", str(root / "cache"), *tiny(1), "--img-size", str(request.param)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    return data, out
+    return data, out, request.param
 
 
 @pytest.mark.slow
 def test_export_on_files_decoded_in_full_gives_the_runs_test_predictions(run_on_larger_files, tmp_path, capsys,
                                                                         caplog):
-    data, run = run_on_larger_files
+    data, run, _ = run_on_larger_files
     path = tmp_path / "model.pt2"
     assert export.main(["--run", str(run), "--out", str(path), "--check", "4"]) == 0
     assert "ending in .pt2" not in capsys.readouterr().err + caplog.text  # torch's warning on a temporary file name
@@ -194,3 +199,36 @@ def test_export_on_files_decoded_in_full_gives_the_runs_test_predictions(run_on_
     images = np.stack([as_pil_reads(data / "train-image" / "image" / f"{i}.jpg") for i in predictions["isic_id"]])
     difference = np.abs(export.load_export(path)(images)[0] - predictions["probability"].to_numpy()).max()
     assert difference < 1e-4, difference  # resampling's rounding only (the promise is 0.002)
+
+
+def key_before_the_decoder_was_in_it(paths, size: int) -> str:
+    key = hashlib.sha1(str(size).encode())
+    for p in paths:
+        st = os.stat(p)
+        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return key.hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_a_cache_left_by_the_older_decoder_changes_no_prediction(run_on_larger_files, tmp_path):
+    """predict.py on the run's cache folder, which holds only a cache that the DCT-scaled decoder wrote under the
+    name it had then: the same test probabilities as the run's own, from a fresh cache."""
+    data, run, size = run_on_larger_files
+    if size != 32:
+        pytest.skip("one size is enough: the cache key does not depend on it")
+    copy = shutil.copytree(run, tmp_path / "run")
+    cache = tmp_path / "cache"
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "cache_dir": str(cache)}))
+    ids = list(load_metadata(data / "train-metadata.csv")["isic_id"])
+    paths, _ = locate_images(ids, data / "train-image" / "image")  # as the pipeline lists them
+    stem = cache / f"images-{size}px-{len(paths)}-{key_before_the_decoder_was_in_it(paths, size)}"
+    cache.mkdir()
+    np.save(stem.with_suffix(".npy"), np.stack([dct_scaled(p, size).numpy() for p in paths]))
+    stem.with_suffix(".json").write_text(json.dumps({"n": len(paths), "size": size, "errors": {},
+                                                     "bytes": stem.with_suffix(".npy").stat().st_size}))
+    result = cli("predict.py", "--run", copy, "--split", "test", "--workers", 0)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = pd.read_csv(run / "test" / "predictions.csv")["probability"].to_numpy()
+    after = pd.read_csv(copy / "test" / "predictions.csv")["probability"].to_numpy()
+    assert np.abs(after - before).max() < 1e-6
