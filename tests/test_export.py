@@ -175,23 +175,30 @@ def test_the_self_check_compares_with_the_pipelines_own_decode(user_files, tmp_p
     assert other > export.TOLERANCE == 0.002
 
 
-@pytest.fixture(scope="module", params=[32, 64])
-def run_on_larger_files(request, tmp_path_factory):
-    """A run on 160 x 160 JPEGs at --img-size 32 or 64: each file is decoded and then resized, as real data are."""
-    root = tmp_path_factory.mktemp(f"larger-{request.param}")
-    data = make_dataset(root / "data", n_images=60, malignant_rate=0.3, size=160, seed=3)
-    out = root / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                             "--cache-dir", str(root / "cache"), *tiny(1), "--img-size", str(request.param)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return data, out, request.param
+@pytest.fixture(scope="module")
+def larger_run(tmp_path_factory):
+    """run(size) → (data, run folder): a run on 160 x 160 JPEGs at --img-size `size`, trained once per size: each
+    file is decoded and then resized, as real data are."""
+    runs = {}
+
+    def run(size: int):
+        if size not in runs:
+            root = tmp_path_factory.mktemp(f"larger-{size}")
+            data = make_dataset(root / "data", n_images=60, malignant_rate=0.3, size=160, seed=3)
+            out = root / "run"
+            result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out",
+                                     str(out), "--cache-dir", str(root / "cache"), *tiny(1), "--img-size", str(size)],
+                                    capture_output=True, text=True, cwd=ROOT)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs[size] = data, out
+        return runs[size]
+    return run
 
 
 @pytest.mark.slow
-def test_export_on_files_decoded_in_full_gives_the_runs_test_predictions(run_on_larger_files, tmp_path, capsys,
-                                                                        caplog):
-    data, run, _ = run_on_larger_files
+@pytest.mark.parametrize("size", [32, 64])
+def test_export_on_files_decoded_in_full_gives_the_runs_test_predictions(larger_run, size, tmp_path, capsys, caplog):
+    data, run = larger_run(size)
     path = tmp_path / "model.pt2"
     assert export.main(["--run", str(run), "--out", str(path), "--check", "4"]) == 0
     assert "ending in .pt2" not in capsys.readouterr().err + caplog.text  # torch's warning on a temporary file name
@@ -210,12 +217,11 @@ def key_before_the_decoder_was_in_it(paths, size: int) -> str:
 
 
 @pytest.mark.slow
-def test_a_cache_left_by_the_older_decoder_changes_no_prediction(run_on_larger_files, tmp_path):
-    """predict.py on the run's cache folder, which holds only a cache that the DCT-scaled decoder wrote under the
-    name it had then: the same test probabilities as the run's own, from a fresh cache."""
-    data, run, size = run_on_larger_files
-    if size != 32:
-        pytest.skip("one size is enough: the cache key does not depend on it")
+def test_a_cache_left_by_the_older_decoder_changes_no_prediction(larger_run, tmp_path):
+    """predict.py with a cache folder that holds only a cache the DCT-scaled decoder wrote under the name it had then:
+    the same test probabilities as the run's own, which came from a fresh cache."""
+    size = 32
+    data, run = larger_run(size)
     copy = shutil.copytree(run, tmp_path / "run")
     cache = tmp_path / "cache"
     config = json.loads((copy / "config.json").read_text())
