@@ -5,11 +5,13 @@
     python export.py --run runs/X --format onnx         # → runs/X/model.onnx (pip install onnx onnxscript onnxruntime)
 
 The exported model takes a batch of uint8 RGB images (B, 3, H, W) of any batch size, height and width (each at least
-2 pixels; the images of one batch share their H x W) and returns (probability of melanoma, embedding). Its
-preprocessing is the pipeline's own (image_cache.decode): the shorter side resized to the run's --img-size
-(antialiased bilinear, rounded to integers after the horizontal and after the vertical pass, as torchvision resizes
-uint8 images), the centre square cropped, scaled to [0, 1]; the network normalises as the run did. The export is
-checked on the first --check test images as they are and on a portrait and a landscape crop of each.
+2 pixels; the images of one batch share their H x W), each a file decoded in full (PIL's Image.open(f).convert("RGB")),
+and returns (probability of melanoma, embedding). Inside is the second half of the pipeline's decode
+(image_cache.resize_and_crop): the shorter side resized to the run's --img-size (antialiased bilinear, rounded to
+integers after the horizontal and after the vertical pass, as torchvision resizes uint8 images), the centre square
+cropped, scaled to [0, 1]; the network normalises as the run did. The export is checked on the first --check test
+images, read as a user reads them, against the run's model on the pipeline's decode of the same files (what its
+predictions.csv came from), and on a portrait and a landscape crop of each.
 """
 from __future__ import annotations
 
@@ -20,17 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from engine.augment import to_float
 from engine.config import COUNT, Parser, add_settings
-from isic.image_cache import read_rgb, resize_and_crop
+from isic.image_cache import decode, resize_and_crop
 from isic.metadata import find_layout, locate_images
 from isic.splits import read_splits
 from scoring.inference import load_run
 from utils import UserError, atomic_path, cli_main
 
-TOLERANCE = 0.02  # largest accepted |probability difference| between the exported model and the run
+TOLERANCE = 0.002  # largest accepted |probability difference| between the exported model and the run
 
 
 def centre_offset(excess):
@@ -79,7 +82,8 @@ def write_export(model: nn.Module, img_size: int, path: Path, fmt: str) -> None:
             3: torch.export.Dim("width", min=2)}
     program = torch.export.export(Deployable(model, img_size).eval(), (example,), dynamic_shapes=(free,))
     if fmt == "pt2":
-        torch.export.save(program, path)
+        with open(path, "wb") as f:  # a handle: torch warns about a path without the .pt2 suffix (a temporary file)
+            torch.export.save(program, f)
         return
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter needs it
         raise UserError("--format onnx needs the onnx exporter packages: pip install onnx onnxscript onnxruntime")
@@ -92,7 +96,8 @@ def load_export(path: Path, fmt: str | None = None):
     """A callable uint8 (B, 3, H, W) numpy/tensor → (probabilities, embeddings) as numpy, for either format
     (by default the file's suffix)."""
     if (fmt or Path(path).suffix.lstrip(".")) == "pt2":
-        module = torch.export.load(path).module()
+        with open(path, "rb") as f:  # a handle: torch warns about a path without the .pt2 suffix (a temporary file)
+            module = torch.export.load(f).module()
         return lambda images: tuple(t.detach().numpy() for t in module(torch.as_tensor(images)))
     try:
         import onnxruntime
@@ -115,6 +120,12 @@ def check_images(run_dir: Path, s, n: int) -> list[Path]:
     return paths
 
 
+def as_a_user_reads(path) -> torch.Tensor:
+    """The file decoded in full by PIL, as the README tells a user of the export: uint8 (3, H, W)."""
+    with Image.open(path) as pil:
+        return torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+
+
 def shapes_to_check(image: torch.Tensor) -> list[torch.Tensor]:
     """The image as it is, and a portrait and a landscape crop of it with an odd side: the shapes users may feed,
     whatever shapes the test split holds."""
@@ -124,14 +135,17 @@ def shapes_to_check(image: torch.Tensor) -> list[torch.Tensor]:
 
 
 def largest_difference(exported, model, paths, img_size: int) -> tuple[float, int]:
-    """Max |probability difference|, and over how many images: the exported model on the images as they are, the
-    run's model on the pipeline's decoding of them (image_cache.resize_and_crop)."""
+    """Max |probability difference|, and over how many images: the exported model on the files as a user reads them,
+    the run's model on the pipeline's decode of the same files (image_cache.decode, what the run's predictions.csv
+    came from); and on the crops, the exported model against the run's model on the pipeline's resize_and_crop."""
     worst, checked = 0.0, 0
     with torch.inference_mode():
         for path in paths:
-            for image in shapes_to_check(read_rgb(path)):
-                probability, _ = exported(image[None].numpy())
-                _, logit = model(to_float(resize_and_crop(image, img_size)[None]))
+            image, *crops = shapes_to_check(as_a_user_reads(path))
+            pairs = [(image, decode(path, img_size))] + [(crop, resize_and_crop(crop, img_size)) for crop in crops]
+            for given, pipeline in pairs:
+                probability, _ = exported(given[None].numpy())
+                _, logit = model(to_float(pipeline[None]))
                 worst = max(worst, float(np.abs(probability - torch.sigmoid(logit).numpy()).max()))
                 checked += 1
     return worst, checked

@@ -1,7 +1,7 @@
 """Images from disk to pixels: decode any JPEG/PNG safely, and the memory-mapped cache of a dataset's decoded images.
 
-The cache is built once per set of files and image size, under a lock that runs sharing a cache folder wait on, and
-checked for damage before every read (dataset.py serves it to the loaders)."""
+The cache is built once per decoder, set of files and image size, under a lock that runs sharing a cache folder wait
+on, and checked for damage before every read (dataset.py serves it to the loaders)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +13,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL
 import torch
+import torchvision
 from filelock import FileLock, Timeout
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -22,9 +24,10 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from engine import timings
-from utils import UserError, atomic_path, require_free_space, write_json
+from utils import TEMP_PREFIX, TEMP_SUFFIX, UserError, atomic_path, require_free_space, write_json
 
-# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are 2x faster than PIL here.
+# torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, a little faster than PIL here, with
+# PIL's pixels (tests/test_decode.py).
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 
@@ -57,32 +60,35 @@ def refuse_huge(path) -> None:
         pass
 
 
-def dct_scale(pil: Image.Image, size: int) -> int:
-    """How many times smaller a JPEG can be decoded (1, 2, 4 or 8, in the DCT domain) with both sides still at
-    least `size`; 1 for every other format."""
-    if pil.format != "JPEG":
-        return 1
-    fits = min(pil.size) // size
-    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
+# What decode() makes of a file. Cache keys carry it, so a cache written by another decoder is never opened: change
+# DECODE_VERSION whenever decode() changes its pixels (v1 read large JPEGs at a DCT scale, PIL's draft; v2 reads every
+# file in full, as a user of the exported model does). The libraries' versions are in it too: their decoders and
+# resize kernels make the pixels.
+DECODE_VERSION = 2
+CROP = "shorter side resized (antialiased bilinear), centre square cropped"
+
+
+def decoder_id() -> str:
+    return (f"decode v{DECODE_VERSION}: full decode, {CROP}; torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
 
 
 def decode(path, size: int) -> torch.Tensor:
-    """Any JPEG/PNG (greyscale, RGBA, CMYK, palette) → RGB uint8 (3, size, size); shorter side resized, centre-cropped.
+    """The one decode of the pipeline: any JPEG/PNG (greyscale, RGBA, CMYK, palette, 16-bit) → RGB uint8
+    (3, size, size), the file decoded in full, its shorter side resized to `size`, the centre square cropped.
 
-    A JPEG at least twice `size` on its shorter side is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's scaled IDCT,
-    PIL's draft): the smallest scale still at least `size`, then resized as every other image. At 6000 x 4000 to 256 px
-    that reads 1/8 of the pixels, several times faster, within a fraction of a grey level of the full decode
-    (docs/scale.md). Files that are not images, or claim more than MAX_MEGAPIXELS, raise before anything is decoded."""
-    return resize_and_crop(read_rgb(path, draft_for=size), size)
+    Every path reads images through it: the cache, --no-cache, predict.py, export.py's check, Grad-CAM, the
+    visual-agreement features. Its first half (read_rgb) gives the pixels PIL's Image.open(path).convert("RGB") gives
+    for 8-bit files (what a user of the exported model feeds it); its second half (resize_and_crop) is what the
+    exported model does inside. Files that are not images, or claim more than MAX_MEGAPIXELS, raise before anything
+    is decoded."""
+    return resize_and_crop(read_rgb(path), size)
 
 
-def read_rgb(path, draft_for: int | None = None) -> torch.Tensor:
-    """Any JPEG/PNG → RGB uint8 (3, H, W) at its own size, refused undecoded above MAX_MEGAPIXELS. With `draft_for`,
-    a large JPEG is decoded at the smallest DCT scale whose sides are still at least `draft_for`."""
-    with open_header(path) as pil:
-        if draft_for and dct_scale(pil, draft_for) > 1:
-            pil.draft("RGB", (draft_for, draft_for))  # picks the same scale as dct_scale
-            return TF.pil_to_tensor(pil.convert("RGB"))
+def read_rgb(path) -> torch.Tensor:
+    """Any JPEG/PNG → RGB uint8 (3, H, W), decoded in full at its own size, refused undecoded above MAX_MEGAPIXELS.
+    16-bit PNGs keep their 8 high bits."""
+    refuse_huge(path)
     try:
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
         image = decode_image(data, mode=ImageReadMode.RGB)
@@ -113,6 +119,10 @@ class _DecodeAll(Dataset):
             return i, torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}".splitlines()[0]
 
 
+def _as_list(batch):
+    return batch  # a module-level function: worker processes started by spawn (macOS, Windows) must pickle it
+
+
 ESTIMATE_AFTER = 300  # images decoded before the build says how long the rest will take
 
 
@@ -121,8 +131,7 @@ def decode_all(paths, size: int, workers: int, out: np.ndarray | None = None, de
 
     Says up front how many images it decodes, and after the first ESTIMATE_AFTER roughly how long all will take."""
     print(f"{desc}: {len(paths)} images with {max(workers, 1)} process(es)", flush=True)
-    loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=workers,
-                        collate_fn=lambda batch: batch)
+    loader = DataLoader(_DecodeAll(paths, size), batch_size=32, num_workers=workers, collate_fn=_as_list)
     errors, done, started = {}, 0, time.perf_counter()
     with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None) as bar:
         for batch in loader:
@@ -145,16 +154,18 @@ def estimate_line(done: int, total: int, seconds: float) -> str:
     return f"{rate:.0f} images/s over the first {done}: about {when} more for the other {total - done}"
 
 
-def cached_images(paths, size: int, cache_dir, workers: int):
-    """Memory-mapped uint8 array (N, 3, size, size) of all images, built once and reused across runs.
+def cached_images(paths, size: int, cache_dir, workers: int, phase: str = "data.cache"):
+    """Memory-mapped uint8 array (N, 3, size, size) of all images (decode's output), built once and reused across runs.
 
-    The cache key covers every file's name, size and modification time, and the image size: any change rebuilds it.
+    The cache's name holds a key of everything that makes its pixels (_cache_key): the decoder and its version, the
+    image size and crop, and every file's path, size and modification time. Any change gives another name, so a
+    cache built by another decoder, or of other files, is never opened (it stays on disk, unused).
     Runs sharing a cache folder (two experiments at once, torchrun processes, nodes on one network disk) build it once:
     the first takes a lock, the others wait for it and then read what it built. A cache that is truncated or damaged is
     rebuilt, never read as images. Returns (array, {index: error}) — unreadable images stay zero in the array and are
     listed in the errors.
     """
-    with timings.phase("data.cache", note=f"reused: {len(paths)} images") as timed:
+    with timings.phase(phase, note=f"reused: {len(paths)} images") as timed:
         stem = Path(cache_dir) / f"images-{size}px-{len(paths)}-{_cache_key(paths, size)}"
         array_path, index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
         problem = _cache_problem(array_path, index_path, len(paths), size)
@@ -163,6 +174,7 @@ def cached_images(paths, size: int, cache_dir, workers: int):
                 print(f"image cache {array_path} is {problem}: rebuilding it", flush=True)
             with _cache_lock(stem.with_suffix(".lock")):
                 if _cache_problem(array_path, index_path, len(paths), size):  # else another process built it meanwhile
+                    _remove_interrupted_builds(array_path, index_path)
                     started = time.perf_counter()
                     _build_cache(array_path, index_path, paths, size, workers)
                     rate = len(paths) / (time.perf_counter() - started)
@@ -172,11 +184,26 @@ def cached_images(paths, size: int, cache_dir, workers: int):
 
 
 def _cache_key(paths, size: int) -> str:
-    key = hashlib.sha1(str(size).encode())
+    """A hash of what makes the cached pixels: decoder_id (decoder, its version, the crop rule, library versions), the
+    size, and each file's absolute path, byte size and modification time (nanoseconds). A file replaced by another of
+    the same byte size and modification time is not noticed: reading every file's bytes at every start would cost
+    as much as decoding them."""
+    key = hashlib.sha1(f"{decoder_id()}\n{size}px\n".encode())
     for p in paths:
         st = os.stat(p)
-        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        key.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return key.hexdigest()[:16]
+
+
+def _remove_interrupted_builds(array_path: Path, index_path: Path) -> None:
+    """Delete the temporaries a killed build of this very cache left behind (called under its lock: no live build of
+    this key can be writing them)."""
+    stale = [p for target in (array_path, index_path)
+             for p in target.parent.glob(f"{TEMP_PREFIX}{target.name}.*{TEMP_SUFFIX}")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) of an interrupted build of {array_path.name}", flush=True)
 
 
 def _cache_problem(array_path: Path, index_path: Path, n: int, size: int) -> str | None:
@@ -196,6 +223,8 @@ def _cache_problem(array_path: Path, index_path: Path, n: int, size: int) -> str
         return f"damaged ({type(e).__name__}: {str(e)[:120]})"
     expected = array.offset + array.nbytes
     index = index if isinstance(index, dict) else {}
+    if index.get("decoder") != decoder_id():  # the key holds it: this catches only a renamed or copied file
+        return f"built by another decoder ({index.get('decoder', 'unrecorded')})"
     if array.shape != (n, 3, size, size) or array.dtype != np.uint8 or length != index.get("bytes", expected) \
             or length != expected or not isinstance(index.get("errors"), dict):
         return f"damaged ({length:,} bytes of shape {array.shape}; expected {expected:,} of {(n, 3, size, size)})"
@@ -230,5 +259,5 @@ def _build_cache(array_path: Path, index_path: Path, paths, size: int, workers: 
         errors = decode_all(paths, size, workers, array, desc=f"caching images at {size}px")
         array.flush()
         del array
-    write_json(index_path, {"n": len(paths), "size": size, "bytes": array_path.stat().st_size,
+    write_json(index_path, {"decoder": decoder_id(), "n": len(paths), "size": size, "bytes": array_path.stat().st_size,
                             "errors": {str(k): v for k, v in errors.items()}})

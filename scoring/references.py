@@ -20,6 +20,7 @@ from engine import timings
 from engine.augment import DihedralTTA
 from engine.checkpoints import save_checkpoint
 from engine.devices import precision_name
+from isic.image_cache import decoder_id
 from isic.metadata import ID_COLUMNS, find_layout, read_csv
 from isic.tabular import with_metadata
 from scoring.inference import score
@@ -84,6 +85,10 @@ def load_references(path, fingerprint: str, precision: str) -> References | None
     if d["weights_sha256"] != fingerprint:
         print(f"{path} was made by other weights than this best.pt: embedding the training split again")
         return None
+    if d.get("decoder") != decoder_id():
+        print(f"{path} was made from images decoded otherwise ({d.get('decoder', 'unrecorded')}): embedding the "
+              "training split again")
+        return None
     if d["precision"] != precision:
         print(f"{path} was embedded in {d['precision']}, this device computes in {precision}: embedding the training "
               "split again")
@@ -95,6 +100,7 @@ def load_references(path, fingerprint: str, precision: str) -> References | None
 
 def save_references(path, refs: References) -> None:
     save_checkpoint(path, {"format": FORMAT, "weights_sha256": refs.weights_sha256, "precision": refs.precision,
+                           "decoder": decoder_id(),
                            "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets),
                            "diagnosis": list(refs.diagnosis),
                            "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()},
@@ -137,7 +143,6 @@ def train_references(run_dir, model, s, device, tta: bool, data=None, store=None
                                note=f"{len(train)} images"):
                 refs.embeddings[view] = score(scorer, train, s, device).embeddings
     if visual and refs.visual is None:
-        with timings.phase("evaluation.train_visual_features", note=f"{len(train)} images"):
-            refs.visual = dataset_features(train)
+        refs.visual = dataset_features(train, s, "evaluation.train_visual_features")
     save_references(path, refs)
     return refs

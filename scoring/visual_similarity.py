@@ -16,10 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset import ImageDataset
+from engine import timings
+from isic.image_cache import cached_images
 from scoring.retrieval import nearest
 
 K = 5  # neighbours judged, as similar.png and neighbours.csv show them
-FEATURE_SIDE = 64  # every image is described at this side, whatever the run's --img-size: runs stay comparable
+FEATURE_SIDE = 64  # every image is decoded at this side to be described, whatever the run's --img-size: runs compare
 BINS = 8  # histogram bins per colour channel
 CHUNK = 512  # images or queries per step: bounds memory at any dataset size
 
@@ -51,18 +54,35 @@ BLOCKS = (6, 6, 3 * BINS, 2)  # widths: whole-image colour, centre colour, centr
 
 
 def image_features(images: torch.Tensor) -> np.ndarray:
-    """uint8 images (B, 3, H, W) → (B, sum(BLOCKS)) float32 colour/texture features."""
+    """uint8 images (B, 3, H, W) → (B, sum(BLOCKS)) float32 colour/texture features, described at FEATURE_SIDE
+    (area-resized to it: a no-op on dataset_features' images, decoded at that side)."""
     x = F.interpolate(images.float() / 255, size=(FEATURE_SIDE, FEATURE_SIDE), mode="area")
     centre = _centre(x)
     return torch.cat([_colour_statistics(x), _colour_statistics(centre), _histogram(centre), _texture(centre)],
                      dim=1).numpy()
 
 
-def dataset_features(dataset) -> np.ndarray:
-    """image_features of every image of an ImageDataset, in its order, CHUNK images at a time."""
-    parts = [image_features(dataset.__getitems__(np.arange(start, min(start + CHUNK, len(dataset))))[0])
-             for start in range(0, len(dataset), CHUNK)]
+def dataset_features(dataset: ImageDataset, s, phase: str = "evaluation.visual_features") -> np.ndarray:
+    """image_features of every image of an ImageDataset, in its order, CHUNK images at a time, from the files decoded
+    at FEATURE_SIDE (image_cache.decode): the same features whatever the run's --img-size. They come from an image
+    cache at that side (built once per set of files, as a run's own; a run at FEATURE_SIDE reads its own cache),
+    or with --no-cache from the files."""
+    fixed = at_feature_side(dataset, s)
+    with timings.phase(phase, note=f"{len(dataset)} images"):
+        parts = [image_features(fixed.__getitems__(np.arange(start, min(start + CHUNK, len(fixed))))[0])
+                 for start in range(0, len(fixed), CHUNK)]
     return np.concatenate(parts) if parts else np.zeros((0, sum(BLOCKS)), np.float32)
+
+
+def at_feature_side(dataset: ImageDataset, s) -> ImageDataset:
+    """The same images decoded at FEATURE_SIDE."""
+    if dataset.size == FEATURE_SIDE:
+        return dataset
+    cache = None
+    if not s.no_cache and len(dataset):
+        cache, _ = cached_images(dataset.paths, FEATURE_SIDE, s.cache_dir, s.workers or 0,
+                                 phase="evaluation.feature_cache")  # unreadable files: left out of `dataset` already
+    return ImageDataset(dataset.rows, dataset.targets, dataset.paths, FEATURE_SIDE, cache)
 
 
 def feature_space(train_features: np.ndarray, features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

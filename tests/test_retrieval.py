@@ -63,7 +63,7 @@ def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(mon
                        np.c_[y * 4.0, np.ones(4)].astype(np.float32), float("nan"))
     monkeypatch.setattr(evaluation, "score", lambda *args: pred)
     visual = np.random.default_rng(0).normal(size=(44, 38)).astype(np.float32)  # colour/texture stand-ins
-    monkeypatch.setattr(evaluation, "dataset_features", lambda dataset: visual[40:])
+    monkeypatch.setattr(evaluation, "dataset_features", lambda dataset, s: visual[40:])
     refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
                       {"plain": train}, "sha", "float32", visual[:40])
     run = evaluation.LoadedRun(Path("run"), Settings(), None, torch.device("mps"))

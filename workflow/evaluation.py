@@ -140,8 +140,7 @@ def score_views(run: LoadedRun, dataset, refs: References, val: dict | None, lab
     """Every view's Scoring of one set of images: choices made here when `val` is None, else val's reused."""
     visual = None
     if labelled:
-        with timings.phase("evaluation.visual_features", note=f"{len(dataset)} images"):
-            visual = dataset_features(dataset)
+        visual = dataset_features(dataset, run.s)
     scorings = {}
     for view, scorer in views(run.model, run.tta).items():
         with timings.phase("evaluation.score" + ("_tta" if view == "tta" else ""), note=f"{len(dataset)} images"):
