@@ -117,8 +117,14 @@ def load(run_dir: Path, args, home: Path | None = None) -> LoadedRun:
         s.workers = args.workers
     if args.neighbours is not None:
         s.neighbours = args.neighbours
+    if args.tta and s.tta:
+        print(f"note: {run_dir} was evaluated with TTA already ({tta_origin(s)}): --tta changes nothing")
     tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
     return LoadedRun(run_dir, s, model, device, tta, args.bootstrap, home)
+
+
+def tta_origin(s) -> str:
+    return "its --tta" if "tta" in s.given else f"its profile {s.profile}"
 
 
 def score_run(run: LoadedRun, args, out_dir: Path | None) -> Path:

@@ -74,6 +74,7 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
         columns[f"{'probability' if sc.is_probability else 'rank_score'}{suffix}"] = sc.pred.probabilities
         if sc.is_probability:
             columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
+        columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
         columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
         if view == "tta":
             metrics["tta"] = {**labelled_metrics(sc, groups, prevalence, s, resamples),
