@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reporting.reports import BOOTSTRAP, Scoring, write_labelled
+from isic.splits import SEEN
+from reporting.reports import BOOTSTRAP, Scoring, prior_probability, write_labelled
 from scoring.inference import Predictions
 from scoring.metrics import auroc, partial_auc
 from workflow.evaluation import SEEN_FILE
@@ -76,7 +77,12 @@ def val_metrics(member: Member, view: str) -> dict:
 
 def validation_scores(member: Member, view: str) -> np.ndarray:
     """The member's probabilities of its own validation images: the fixed scale a rank ensemble places images on."""
-    frame = pd.read_csv(member.val / "predictions.csv")
+    path = member.val / "predictions.csv"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a rank ensemble places {member.run_dir}'s scores among its validation "
+                        f"probabilities; evaluate its validation split again (predict.py --run {member.run_dir} "
+                        "--split val)")
+    frame = pd.read_csv(path)
     if COLUMN[view] not in frame:
         raise UserError(f"{member.val / 'predictions.csv'} has no {COLUMN[view]}: evaluate val with the {view} view")
     return frame[COLUMN[view]].to_numpy()
@@ -123,6 +129,14 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     table = pd.DataFrame({"isic_id": frames[0]["isic_id"], name: score,
                           "predicted_malignant": (score >= threshold).astype(int), **columns})
     if "target" not in frames[0]:
+        if how == "mean":  # as for a labelled set: the log-odds of the mean, moved to the training prevalence
+            pred = ensemble_scoring(np.zeros(len(score)), score, threshold, how).pred
+            table.insert(2, "probability_prior_corrected", prior_probability(pred, prevalence))
+        table["run_split"] = seen_by(frames, "run_split")
+        seen = [any(split.split(":")[1] in SEEN for split in splits.split()) for splits in table["run_split"]]
+        if any(seen):
+            print(f"note: {sum(seen)} of {len(table)} images are in a member's own splits.csv as train or val, "
+                  "marked in the run_split column of predictions.csv (member:split)")
         write_csv(out_dir / "predictions.csv", table)
         write_json(out_dir / "ensemble.json", about)
         return None
@@ -143,10 +157,11 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     return metrics
 
 
-def seen_by(frames: list[pd.DataFrame]) -> list[str]:
-    """Per image, the members that trained or validated on it and in which split, e.g. '1:train 3:val'."""
-    return [" ".join(f"{k}:{split}" for k, split in enumerate(row, 1) if split)
-            for row in zip(*(f["seen"] for f in frames))]
+def seen_by(frames: list[pd.DataFrame], column: str = "seen") -> list[str]:
+    """Per image, the members whose splits.csv lists it and in which split, e.g. '1:train 3:val'; `column`: each
+    member's split of the image ("seen": train or val only; "run_split" of new images: also test)."""
+    splits = [f[column].fillna("").astype(str) if column in f else pd.Series("", index=f.index) for f in frames]
+    return [" ".join(f"{k}:{split}" for k, split in enumerate(row, 1) if split) for row in zip(*splits)]
 
 
 def ensemble_scoring(y, score, threshold: float, how: str) -> Scoring:
