@@ -214,12 +214,25 @@ class Page:
         for i, r in enumerate(self.history if metric != "last" else []):
             if float(r.get(column) or "nan") > score or not math.isfinite(score):
                 best, score = i, float(r.get(column) or "nan")
-        rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(HISTORY_COLUMNS)[1:]),
+        columns = self.history_columns()
+        rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(columns)[1:]),
                  "best" if i == best else ""] for i, r in enumerate(self.history)]
         shown = rows[-SHOWN_ROWS:]
         note = (f"The last {len(shown)} of {len(rows)} epochs; every epoch is in history.csv."
                 if len(shown) < len(rows) else "")
-        return dict(table=Table([*HISTORY_COLUMNS.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+        return dict(table=Table([*columns.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+
+    def history_columns(self) -> dict:
+        """HISTORY_COLUMNS; with the instance term, its share of the training loss, and the validation loss saying
+        it has none (validation sees one view of each image)."""
+        if not float(self.config.get("w_instance") or 0):
+            return HISTORY_COLUMNS
+        columns = {}
+        for key, title in HISTORY_COLUMNS.items():
+            columns[key] = "val loss (no instance term)" if key == "val_loss" else title
+            if key == "train_loss":
+                columns["train_instance"] = "train instance term"
+        return columns
 
     # ---------------------------------------------------------------- results
 
