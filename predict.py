@@ -84,7 +84,6 @@ def run(argv=None) -> None:
     require_outside(out, run_dirs)
     if not other_data(args):
         require_same_split(run_dirs, args.split)
-    out.mkdir(parents=True, exist_ok=True)
     with timings.recording(out / "timings.json"):
         score_ensemble(args, out, run_dirs)
         print(f"time: {timings.current_summary()} (phases in {out / 'timings.json'})")

@@ -129,16 +129,7 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     table = pd.DataFrame({"isic_id": frames[0]["isic_id"], name: score,
                           "predicted_malignant": (score >= threshold).astype(int), **columns})
     if "target" not in frames[0]:
-        if how == "mean":  # as for a labelled set: the log-odds of the mean, moved to the training prevalence
-            pred = ensemble_scoring(np.zeros(len(score)), score, threshold, how).pred
-            table.insert(2, "probability_prior_corrected", prior_probability(pred, prevalence))
-        table["run_split"] = seen_by(frames, "run_split")
-        seen = [any(split.split(":")[1] in SEEN for split in splits.split()) for splits in table["run_split"]]
-        if any(seen):
-            print(f"note: {sum(seen)} of {len(table)} images are in a member's own splits.csv as train or val, "
-                  "marked in the run_split column of predictions.csv (member:split)")
-        write_csv(out_dir / "predictions.csv", table)
-        write_json(out_dir / "ensemble.json", about)
+        write_new_images(out_dir, table, frames, about, prevalence)
         return None
     seen = np.any([f["seen"].to_numpy() != "" for f in frames], axis=0)
     if seen.any():  # scored by every member, but some member trained or validated on them: listed, not counted
@@ -157,6 +148,22 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     return metrics
 
 
+def write_new_images(out_dir: Path, table: pd.DataFrame, frames: list[pd.DataFrame], about: dict,
+                     prevalence: float) -> None:
+    """OUT/predictions.csv of new images (a mean's prior-corrected probability, as for a labelled set; each member's
+    split of the images its splits.csv lists) and OUT/ensemble.json."""
+    if about["how"] == "mean":
+        corrected = prior_probability(as_prediction(np.zeros(len(table)), table["probability"].to_numpy()), prevalence)
+        table.insert(2, "probability_prior_corrected", corrected)
+    table["run_split"] = seen_by(frames, "run_split")
+    seen = [any(split.split(":")[1] in SEEN for split in splits.split()) for splits in table["run_split"]]
+    if any(seen):
+        print(f"note: {sum(seen)} of {len(table)} images are in a member's own splits.csv as train or val, marked in "
+              "the run_split column of predictions.csv (member:split)")
+    write_csv(out_dir / "predictions.csv", table)
+    write_json(out_dir / "ensemble.json", about)
+
+
 def seen_by(frames: list[pd.DataFrame], column: str = "seen") -> list[str]:
     """Per image, the members whose splits.csv lists it and in which split, e.g. '1:train 3:val'; `column`: each
     member's split of the image ("seen": train or val only; "run_split" of new images: also test)."""
@@ -167,7 +174,11 @@ def seen_by(frames: list[pd.DataFrame], column: str = "seen") -> list[str]:
 def ensemble_scoring(y, score, threshold: float, how: str) -> Scoring:
     """The ensemble as one scorer: a mean's probability keeps its log-odds (for the prior correction); a rank score
     is no probability."""
+    return Scoring(as_prediction(y, score), threshold, is_probability=how == "mean")
+
+
+def as_prediction(y, score) -> Predictions:
+    """Ensemble scores as Predictions: a mean's probability keeps its log-odds (what the prior correction moves)."""
     clipped = np.clip(score, 1e-7, 1 - 1e-7)
-    pred = Predictions(y, score, np.log(clipped / (1 - clipped)).astype(np.float32),
+    return Predictions(y, score, np.log(clipped / (1 - clipped)).astype(np.float32),
                        np.zeros((len(y), 0), np.float32), float("nan"))
-    return Scoring(pred, threshold, is_probability=how == "mean")
