@@ -23,7 +23,7 @@ from dataset import prepare_data
 from engine import timings
 from engine.config import COUNT, Parser, add_settings
 from engine.devices import pick_device
-from workflow.ensemble import HOW, Member, write_ensemble
+from workflow.ensemble import HOW, Member, validation_scores, write_ensemble
 from workflow.evaluation import (LoadedRun, OtherData, evaluate_run, evaluate_split, needs_val, predict_dataset,
                                  predict_images)
 from isic.metadata import find_layout, load_metadata
@@ -84,18 +84,33 @@ def run(argv=None) -> None:
     require_outside(out, run_dirs)
     if not other_data(args):
         require_same_split(run_dirs, args.split)
-    members, first = [], None
-    for i, run_dir in enumerate(run_dirs, 1):  # each member writes only under OUT/members/<k>-<run>/
-        member = load(run_dir, args, home=out / "members" / f"{i}-{run_dir.resolve().name}")
-        members.append(Member(run_dir, score_run(member, args, member.home if other_data(args) else None),
-                              member.val_dir))
-        first = first or member.s
+    with timings.recording(out / "timings.json"):
+        score_ensemble(args, out, run_dirs)
+        print(f"time: {timings.current_summary()} (phases in {out / 'timings.json'})")
+
+
+def score_ensemble(args, out: Path, run_dirs: list[Path]) -> None:
+    """Every member scores the images into OUT/members/<k>-<run>/ (each a phase of OUT/timings.json), then their
+    scores are combined into OUT."""
+    loaded = [load(run_dir, args, home=out / "members" / f"{i}-{run_dir.resolve().name}")
+              for i, run_dir in enumerate(run_dirs, 1)]
+    view = "tta" if args.tta else "plain"
+    if args.ensemble == "rank":  # before any member scores: a missing file would stop the ensemble at its end
+        for member in (m for m in loaded if not needs_val(m)):
+            validation_scores(Member(member.run_dir, member.out, member.val_dir), view)
+    members = []
+    for i, member in enumerate(loaded, 1):  # each member writes only under OUT/members/<k>-<run>/
+        with timings.phase(f"evaluation.member{i}", note=str(member.run_dir)):
+            scored = score_run(member, args, member.home if other_data(args) else None)
+        members.append(Member(member.run_dir, scored, member.val_dir))
     prevalence = float(np.mean([train_prevalence(r / "splits.csv") for r in run_dirs]))
-    m = write_ensemble(members, out, args.ensemble, first, "tta" if args.tta else "plain",
-                       patient_ids(args, run_dirs[0]), prevalence, args.bootstrap)
+    with timings.phase("evaluation.ensemble", note=f"{len(members)} members ({args.ensemble})"):
+        m = write_ensemble(members, out, args.ensemble, loaded[0].s, view, patient_ids(args, run_dirs[0]),
+                           prevalence, args.bootstrap)
     print(f"ensemble of {len(run_dirs)} runs ({args.ensemble}) → {out / 'predictions.csv'}"
           if m is None else f"ensemble of {len(run_dirs)} runs ({args.ensemble}): {summary_line(m, out)}")
-    print(f"report: {write_report(out, run=out, command=True)}")
+    with timings.phase("evaluation.report"):
+        print(f"report: {write_report(out, run=out, command=True)}")
 
 
 def other_data(args) -> bool:
@@ -117,8 +132,14 @@ def load(run_dir: Path, args, home: Path | None = None) -> LoadedRun:
         s.workers = args.workers
     if args.neighbours is not None:
         s.neighbours = args.neighbours
+    if args.tta and s.tta:
+        print(f"note: {run_dir} was evaluated with TTA already ({tta_origin(s)}): --tta changes nothing")
     tta = args.tta or s.tta  # a run trained with --tta is re-evaluated the way it was first evaluated
     return LoadedRun(run_dir, s, model, device, tta, args.bootstrap, home)
+
+
+def tta_origin(s) -> str:
+    return "its --tta" if "tta" in s.given else f"its profile {s.profile}"
 
 
 def score_run(run: LoadedRun, args, out_dir: Path | None) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from engine.config import COUNT, Parser, add_settings
+from engine.config import COUNT, Parser, Settings, add_settings
 from isic.metadata import ID_COLUMNS, find_layout, load_metadata, locate_images, read_csv
 from utils import UserError, cli_main, write_csv
 
@@ -44,6 +44,7 @@ def copy_official_csvs(data_dir: Path | None, out: Path, ids: set) -> None:
 def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     add_settings(p, ["data_dir", "csv", "image_dir", "seed"])
+    p.set_defaults(seed=Settings().seed)  # the default its help names
     p.add_argument("--out", required=True, help="the new folder (must not exist yet)")
     p.add_argument("--patients", type=COUNT, required=True, help="how many patients to draw")
     return p
@@ -59,7 +60,7 @@ def run(argv=None) -> None:
     paths, problem = locate_images(frame["isic_id"], image_dir)
     if problem:
         raise UserError(problem)
-    chosen = draw_patients(frame, args.patients, args.seed if args.seed is not None else 0)
+    chosen = draw_patients(frame, args.patients, args.seed)
     rows = read_csv(csv_path, "metadata CSV")[chosen.to_numpy()]
     (out / "train-image" / "image").mkdir(parents=True)
     for path in (path for path, keep in zip(paths, chosen) if keep):

@@ -300,7 +300,7 @@ def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: flo
         plots.history_plots(history, out_dir)
         webreport.write_report(out_dir, training=True)  # as often as the plots, which it shows
         plotted = time.time()
-    print(epoch_line(row, s.epochs, improved), flush=True)
+    print(epoch_line(row, s.epochs, improved, s.w_instance > 0), flush=True)
     return plotted
 
 
@@ -345,7 +345,8 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
             try:
                 with timings.phase(f"training.epoch{epoch}", note=f"{len(loader)} steps"):
                     row = train_one_epoch(stepper, loader, epoch, s.epochs, stop, board)
-            except Interrupted as e:
+            except Interrupted as e:  # the epoch is replayed on resume, but its time was spent: a resumed total keeps it
+                timings.add(f"training.epoch{epoch}", time.time() - started, note="interrupted, replayed on resume")
                 raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
                                 f"{resume_hint}") from None
             except NonFiniteLoss as e:
@@ -378,8 +379,12 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     return state
 
 
-def epoch_line(row: dict, epochs: int, improved: bool) -> str:
-    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f} (bce {row['train_bce']:.4f}, "
-            f"contrastive {row['train_contrastive']:.4f})  val loss {row['val_loss']:.4f}  "
+def epoch_line(row: dict, epochs: int, improved: bool, instance: bool = False) -> str:
+    """The training loss with each of its terms (unweighted); with the instance term, the validation loss says it
+    lacks one (validation sees one view of each image)."""
+    parts = f"bce {row['train_bce']:.4f}, contrastive {row['train_contrastive']:.4f}" + \
+        (f", instance {row['train_instance']:.4f}" if instance else "")
+    return (f"epoch {row['epoch']:>3}/{epochs}  loss {row['train_loss']:.4f} ({parts})  "
+            f"val loss{' (no instance term)' if instance else ''} {row['val_loss']:.4f}  "
             f"val AUROC {row['val_auroc']:.4f}  val pAUC {row['val_pauc']:.4f}  val acc {row['val_accuracy']:.4f}  "
             f"lr {row['lr']:.2e}  {row['seconds']:.0f}s" + ("  *best" if improved else ""))

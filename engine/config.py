@@ -202,6 +202,11 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def flag_of(name: str) -> str:
+    """The option string of a setting, as the user types it (e.g. tensorboard → --no-tensorboard)."""
+    return FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
 def add_settings(parser, names, *, default=None, help=None):
     """Add the flags of the named settings to a parser or argument group (e.g. predict.py's --workers, --device).
 
@@ -220,7 +225,7 @@ def add_settings(parser, names, *, default=None, help=None):
         kwargs = {key: meta[key] for key in ("type", "choices", "action") if meta[key] is not None}
         if default is not None:
             kwargs["default"] = default
-        parser.add_argument(meta["flag"] or "--" + name.replace("_", "-"), dest=name, help=text, **kwargs)
+        parser.add_argument(flag_of(name), dest=name, help=text, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

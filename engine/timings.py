@@ -91,6 +91,12 @@ def phase(name: str, note: str = ""):
         _recorder.add(current)
 
 
+def add(name: str, seconds: float, note: str = "") -> None:
+    """Record a phase timed by the caller (e.g. an epoch stopped by a signal, whose block did not end normally)."""
+    if _recorder is not None:
+        _recorder.add(Phase(name, seconds, note))
+
+
 def save() -> None:
     """Write the current recording now (a new run's folder appears after its first phases were timed)."""
     if _recorder is not None and _recorder.path.parent.is_dir():

@@ -163,7 +163,7 @@ def join_columns(frame: pd.DataFrame, csv_path, extra_csv=None) -> pd.DataFrame:
             raise UserError(f"{path}: {int(missing.sum())} of {len(frame)} images have no row there (joined by "
                             f"{id_col}), e.g. {', '.join(frame['isic_id'][missing].iloc[:3])}: is it the file of "
                             f"this dataset?")
-        joined = joined.merge(table[new].assign(isic_id=ids), on="isic_id", how="left", validate="one_to_one")
+        joined = joined.merge(table[new].assign(isic_id=ids), on="isic_id", how="left", validate="many_to_one")
     return joined
 
 

@@ -174,3 +174,10 @@ def seen_note(held: np.ndarray, what: str) -> str:
     """One line: how many of the scored images the run trained or validated on, by split."""
     counts = ", ".join(f"{int((held == name).sum())} {name}" for name in SEEN if (held == name).any())
     return f"{int(np.isin(held, SEEN).sum())} of {len(held)} {what} are in the run's own splits.csv ({counts})"
+
+
+def seen_meaning(held: np.ndarray) -> str:
+    """What being in each split means for the scored images' results, for the splits `held` has."""
+    meaning = {"train": "{} in train: each is its own nearest training lesion",
+               "val": "{} in val: no training lesions, but they chose the run's epoch, threshold and k"}
+    return "; ".join(text.format(int((held == name).sum())) for name, text in meaning.items() if (held == name).any())

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from engine.distributed import on_main
+from engine.distributed import is_main, on_main
 from utils import UserError, write_json
 
 # Field → the column names it goes by: the official ground truth and Kaggle's train.csv, then the ISIC archive's.
@@ -102,11 +102,21 @@ class MetadataEncoder:
         found = next((c for c in (self.columns[name], *SOURCES[name]) if c in frame.columns), None)
         return frame[found] if found else pd.Series([None] * len(frame), dtype="object", index=frame.index)
 
+    def known_counts(self, features: np.ndarray) -> dict[str, int]:
+        """Per field, how many rows of `features` have it: an age, or a sex or site among the run's categories."""
+        names = self.feature_names()
+        flags = {name: names.index("age_missing" if name == "age" else f"{name}={UNKNOWN}") for name in self.columns}
+        return {name: int(len(features) - features[:, flag].sum()) for name, flag in flags.items()}
+
     def unknown_share(self, features: np.ndarray) -> float:
         """The share of the fields, over all images, that `features` codes as missing (age) or unknown (sex, site)."""
-        names = self.feature_names()
-        flags = [names.index("age_missing" if name == "age" else f"{name}={UNKNOWN}") for name in self.columns]
-        return float(features[:, flags].mean()) if len(features) else 0.0
+        cells = len(features) * len(self.columns)
+        return 1 - sum(self.known_counts(features).values()) / cells if cells else 0.0
+
+    def coverage(self, features: np.ndarray) -> str:
+        """One line: how many images got each patient fact, e.g. 'age for 740, sex for 738, site for 725 of 740'."""
+        known = ", ".join(f"{name} for {n}" for name, n in self.known_counts(features).items())
+        return f"patient metadata: {known} of {len(features)} images"
 
     def save(self, run_dir) -> None:
         write_json(Path(run_dir) / ENCODER_FILE, asdict(self))
@@ -133,6 +143,8 @@ def with_metadata(data, s, run_dir, fit: bool = False):
     else:
         encoder = MetadataEncoder.load(run_dir)
     data.metadata = encoder.transform(data.frame)
+    if fit and is_main():  # one line, not one per torchrun process
+        print(encoder.coverage(data.metadata))
     return data
 
 
@@ -152,6 +164,7 @@ def run_features(run_dir, s, frame: pd.DataFrame) -> np.ndarray | None:
     encoder = MetadataEncoder.load(run_dir)
     features = encoder.transform(frame)
     share = encoder.unknown_share(features)
+    print(encoder.coverage(features))
     if share > MOSTLY_UNKNOWN:
         print(f"note: {100 * share:.0f}% of the patient facts ({', '.join(encoder.columns)}) of these {len(frame)} "
               "images are missing or unknown to the run, which was trained with them; give them with --extra-csv")

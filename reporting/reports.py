@@ -13,7 +13,7 @@ from engine import timings
 from reporting import plots
 from scoring.inference import Predictions
 from scoring.metrics import (all_metrics, auroc, bootstrap_ci, calibration_metrics, classification_report, partial_auc,
-                             prior_corrected_logits, sigmoid)
+                             prior_corrected_logits, sigmoid, size_caveat)
 from scoring.retrieval import embedding_space
 from utils import write_csv, write_json, write_text
 
@@ -68,12 +68,16 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
     metrics = {**labelled_metrics(plain, groups, prevalence, s, resamples), **extra,
                "bootstrap": {"resamples": resamples, "level": 0.95, "seed": s.seed,
                              "unit": "patient" if has_patients else "image", "stratified_by": "class"}}
+    caveat = size_caveat(y, groups if has_patients else None)
+    if caveat:
+        metrics["small_set"] = caveat  # shown wherever these numbers are
     columns = {"isic_id": ids, "target": y}
     for view, sc in scorings.items():
         suffix = "_tta" if view == "tta" else ""
         columns[f"{'probability' if sc.is_probability else 'rank_score'}{suffix}"] = sc.pred.probabilities
         if sc.is_probability:
             columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
+        columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
         columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
         if view == "tta":
             metrics["tta"] = {**labelled_metrics(sc, groups, prevalence, s, resamples),
@@ -117,6 +121,7 @@ def summary_line(m: dict, out_dir) -> str:
     line = (f"AUROC {m['auroc']:.4f}  pAUC {m['pauc']:.4f}  at threshold {m['threshold']:.4f}: "
             f"sensitivity {m['sensitivity']:.3f}  specificity {m['specificity']:.3f}  "
             f"balanced accuracy {m['balanced_accuracy']:.3f}  (n={m['n']}, {m['n_positive']} malignant) → {out_dir}")
+    line += "".join(f"\n  note: {text}" for text in set_notes(m))
     if "scorers" not in m:
         return line
     rows = [f"  {'scorer':<18} {'AUROC [95% CI]':<24} pAUC [95% CI]"]
@@ -136,6 +141,17 @@ def summary_line(m: dict, out_dir) -> str:
                     f"ECE {c['ece']:.4f} (prior-corrected {c['ece_prior_corrected']:.4f})  "
                     f"training prevalence {100 * c['train_prevalence']:.2f}%")
     return "\n".join([line, *rows])
+
+
+def set_notes(m: dict) -> list[str]:
+    """What a reader must know before trusting a labelled set's numbers: images left out, and a set too small."""
+    notes = []
+    if m.get("left_out_seen_in_training"):
+        notes.append(f"{m['left_out_seen_in_training']} more images left out: the run trained or validated on them "
+                     "(seen_in_training.csv; --include-seen counts them)")
+    if m.get("small_set"):
+        notes.append(m["small_set"])
+    return notes
 
 
 def retrieval_line(r: dict, view: str = "") -> str:

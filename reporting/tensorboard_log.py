@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from google.protobuf import text_format
 from PIL import Image
 from tensorboard.plugins import projector
 from torch.utils.tensorboard import SummaryWriter
@@ -32,7 +33,7 @@ from scoring.retrieval import embedding_space
 from utils import atomic_path
 
 FOLDER = "tb"
-STEP_VALUES = ("loss", "bce", "contrastive")  # the first columns of train_one_epoch's rows, in this order
+STEP_VALUES = ("loss", "bce", "contrastive", "instance")  # the first columns of train_one_epoch's rows, in this order
 FIGURES = ("roc", "pr", "calibration", "confusion_matrix", "gallery", "similar", "embeddings")
 MODES = {"check_data", "check_images", "demo"}  # how a run was started: no columns of the HParams table
 THUMBNAIL = 64  # pixels a side at most
@@ -43,13 +44,14 @@ class Board:
     """The training curves: the loss, its parts and the learning rate at each host sync of an epoch (values already
     on the host), and every column of history.csv once per epoch."""
 
-    def __init__(self, writer: SummaryWriter, scheduler):
+    def __init__(self, writer: SummaryWriter, scheduler, instance: bool = False):
         self.writer, self.scheduler = writer, scheduler
+        self.values = STEP_VALUES if instance else STEP_VALUES[:3]  # the instance term only where it is trained
 
     def steps(self, window: np.ndarray) -> None:
         """`window`: train_one_epoch's rows (one per batch) since the last sync."""
         step = self.scheduler.last_epoch
-        for i, name in enumerate(STEP_VALUES):
+        for i, name in enumerate(self.values):
             self.writer.add_scalar(f"step/{name}", float(window[:, i].mean()), step)
         self.writer.add_scalar("step/lr", self.scheduler.get_last_lr()[0], step)
 
@@ -69,7 +71,7 @@ def training_board(out_dir, s, scheduler):
         yield None
         return
     with SummaryWriter(Path(out_dir) / FOLDER, purge_step=scheduler.last_epoch + 1) as writer:
-        yield Board(writer, scheduler)
+        yield Board(writer, scheduler, s.w_instance > 0)
 
 
 def write_results(out_dir, s, model, data, device, step: int) -> None:
@@ -142,16 +144,28 @@ def write_projector(folder, tag: str, embeddings: np.ndarray, table: pd.DataFram
     folder, part = Path(folder), Path(folder) / tag
     with atomic_path(part / "tensors.tsv") as tmp:
         np.savetxt(tmp, embeddings, fmt="%.6g", delimiter="\t")
-    with atomic_path(part / "metadata.tsv") as tmp:
-        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")
+    with atomic_path(part / "metadata.tsv") as tmp:  # the projector splits lines on tabs and knows no quoting
+        table.replace(r"[\t\r\n]", " ", regex=True).to_csv(tmp, sep="\t", index=False, float_format="%.4f")
     side = thumbnail_side(len(table), dataset.size)
     with atomic_path(part / "sprite.png") as tmp:
         Image.fromarray(sprite(thumbnails(dataset, side))).save(tmp, format="PNG")
-    config = projector.ProjectorConfig()
+    config = other_embeddings(folder, tag)
     info = config.embeddings.add(tensor_name=tag, tensor_path=f"{tag}/tensors.tsv", metadata_path=f"{tag}/metadata.tsv")
     info.sprite.image_path = f"{tag}/sprite.png"
     info.sprite.single_image_dim.extend([side, side])
     projector.visualize_embeddings(str(folder), config)
+
+
+def other_embeddings(folder: Path, tag: str) -> projector.ProjectorConfig:
+    """The folder's projector config without `tag`'s entry: sets scored into the same folder before (predict.py
+    --images and --data-dir into one --out) stay in the projector."""
+    config, path = projector.ProjectorConfig(), folder / "projector_config.pbtxt"
+    if path.is_file():
+        text_format.Parse(path.read_text(), config)
+    kept = [e for e in config.embeddings if e.tensor_name != tag]
+    del config.embeddings[:]
+    config.embeddings.extend(kept)
+    return config
 
 
 def thumbnail_side(n: int, size: int) -> int:

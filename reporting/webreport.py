@@ -22,6 +22,7 @@ import jinja2
 from markupsafe import Markup
 
 from engine.config import PROFILES, Settings
+from reporting.reports import set_notes
 from utils import write_text
 from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt,
                                       history_cell, is_number, leaves, number_groups, plural, read_csv, read_json,
@@ -50,6 +51,10 @@ SECTIONS = {"run": "What was run", "curves": "Training curves", "summary": "Test
 CSS = Path(__file__).with_name("webreport.css")  # inlined into each page
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def sentence(text: str) -> str:
+    return f"{text[0].upper()}{text[1:]}."
 
 
 def record_command(folder) -> None:
@@ -139,10 +144,18 @@ class Page:
         elif self.folder != self.run:
             n = self.metrics[self.evaluated[0]].get("n", "?") if self.evaluated else 0
             text = f"{n} labelled images evaluated by {model}{skipped}." if n else f"Nothing scored yet by {model}."
+            text += "".join(f" {sentence(note)}" for note in self.set_notes())
         else:
             text = f"{done} of {epochs} epochs trained" if self.history else "No training history"
             text += f"; evaluated: {', '.join(self.evaluated)}." if self.evaluated else "; not evaluated."
         return dict(training=False, text=text)
+
+    def set_notes(self) -> list[str]:
+        """Images left out of a labelled set's metrics, and a set too small for them (reports.set_notes)."""
+        if not self.evaluated:
+            return []
+        self.shown[self.evaluated[0]].add(("left_out_seen_in_training",))  # said here, not in the leftover table
+        return set_notes(self.metrics[self.evaluated[0]])
 
     # ---------------------------------------------------------------- what was run
 
@@ -201,12 +214,25 @@ class Page:
         for i, r in enumerate(self.history if metric != "last" else []):
             if float(r.get(column) or "nan") > score or not math.isfinite(score):
                 best, score = i, float(r.get(column) or "nan")
-        rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(HISTORY_COLUMNS)[1:]),
+        columns = self.history_columns()
+        rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(columns)[1:]),
                  "best" if i == best else ""] for i, r in enumerate(self.history)]
         shown = rows[-SHOWN_ROWS:]
         note = (f"The last {len(shown)} of {len(rows)} epochs; every epoch is in history.csv."
                 if len(shown) < len(rows) else "")
-        return dict(table=Table([*HISTORY_COLUMNS.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+        return dict(table=Table([*columns.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+
+    def history_columns(self) -> dict:
+        """HISTORY_COLUMNS; with the instance term, its share of the training loss, and the validation loss saying
+        it has none (validation sees one view of each image)."""
+        if not float(self.config.get("w_instance") or 0):
+            return HISTORY_COLUMNS
+        columns = {}
+        for key, title in HISTORY_COLUMNS.items():
+            columns[key] = "val loss (no instance term)" if key == "val_loss" else title
+            if key == "train_loss":
+                columns["train_instance"] = "train instance term"
+        return columns
 
     # ---------------------------------------------------------------- results
 
@@ -237,12 +263,13 @@ class Page:
         return Table(["scorer", "AUROC [95% CI]", "pAUC [95% CI]"], rows) if rows else None
 
     def bootstrap(self, split: str) -> Parts | None:
-        b = self.metrics[split].get("bootstrap")
+        b, small = self.metrics[split].get("bootstrap"), self.metrics[split].get("small_set")
         if not b:
             return None
         return Parts(["95% CIs: ", self.num(split, "bootstrap", "resamples"), " bootstrap resamples by ",
                       str(b.get("unit")), ", stratified by ", str(b.get("stratified_by")), " (seed ",
-                      self.num(split, "bootstrap", "seed"), ", level ", self.num(split, "bootstrap", "level"), ")."])
+                      self.num(split, "bootstrap", "seed"), ", level ", self.num(split, "bootstrap", "level"), ").",
+                      *([f" Too few to trust: {small}."] if small else [])])
 
     def with_ci(self, split: str, *path) -> CI:
         *parent, name = path

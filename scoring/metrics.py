@@ -113,6 +113,33 @@ def bootstrap_weights(y, groups, resamples: int, rng) -> np.ndarray:
     return counts[:, units]
 
 
+MIN_PER_CLASS = 5  # fewer units (patients or images) of a class: a bootstrap interval redraws the same few
+
+
+def class_units(y, groups=None) -> tuple[int, int]:
+    """(malignant, benign) units as bootstrap_weights draws them: patients (images without one, and every image
+    when `groups` is None, are units of their own) with a malignant image, and the others."""
+    y = np.asarray(y).astype(int)
+    groups = [None] * len(y) if groups is None else list(groups)
+    units = [("image", i) if pd.isna(g) else ("patient", g) for i, g in enumerate(groups)]
+    malignant = {u for u, label in zip(units, y) if label == 1}
+    return len(malignant), len(set(units) - malignant)
+
+
+def size_caveat(y, groups=None) -> str:
+    """'' for a set large enough for its AUROC, pAUC and intervals; otherwise one sentence saying what it cannot
+    support."""
+    unit = "image" if groups is None or pd.Series(groups).isna().all() else "patient"
+    for count, kind in zip(class_units(y, groups), ("with a melanoma", "without one")):
+        units = f"{count} {unit}{'' if count == 1 else 's'} {kind}"
+        if count == 0:
+            return f"no {unit} {kind}: no AUROC, pAUC or interval"
+        if count < MIN_PER_CLASS:
+            return (f"only {units}: AUROC and pAUC rest on so few, and their 95% intervals, which resample the same "
+                    f"{count}, understate the uncertainty (at least {MIN_PER_CLASS} of each are needed)")
+    return ""
+
+
 def bootstrap_ci(y, scores: dict, groups=None, resamples: int = 1000, seed: int = 0, level: float = 0.95,
                  chunk: int = 100) -> dict:
     """Percentile intervals of AUROC and pAUC for each named score, all from the same resamples (so they pair)."""

@@ -60,11 +60,12 @@ def test_scoring_images_without_their_metadata_says_how_much_is_unknown(tmp_path
     from isic.tabular import run_features
     MetadataEncoder.fit(TRAIN, ["age", "sex", "site"]).save(tmp_path)
     s = SimpleNamespace(metadata="age,sex,site")
-    run_features(tmp_path, s, TRAIN)  # 2 of 12 facts unknown: nothing to say
-    assert capsys.readouterr().out == ""
+    run_features(tmp_path, s, TRAIN)  # 2 of 12 facts unknown: only how many images got each
+    assert capsys.readouterr().out == "patient metadata: age for 3, sex for 3, site for 4 of 4 images\n"
     run_features(tmp_path, s, pd.DataFrame({"isic_id": ["a", "b"], "sex": ["male", None]}))
-    out = capsys.readouterr().out.strip()
-    assert len(out.splitlines()) == 1 and "83% of the patient facts (age, sex, site) of these 2 images" in out
+    coverage, note = capsys.readouterr().out.strip().splitlines()
+    assert coverage == "patient metadata: age for 0, sex for 1, site for 0 of 2 images"
+    assert "83% of the patient facts (age, sex, site) of these 2 images" in note
 
 
 @pytest.mark.parametrize("text, message", [("age,height", "unknown field"), ("site", "needs a column")])

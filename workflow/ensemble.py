@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reporting.reports import BOOTSTRAP, Scoring, write_labelled
+from isic.splits import SEEN
+from reporting.reports import BOOTSTRAP, Scoring, prior_probability, write_labelled
 from scoring.inference import Predictions
 from scoring.metrics import auroc, partial_auc
 from workflow.evaluation import SEEN_FILE
@@ -76,7 +77,12 @@ def val_metrics(member: Member, view: str) -> dict:
 
 def validation_scores(member: Member, view: str) -> np.ndarray:
     """The member's probabilities of its own validation images: the fixed scale a rank ensemble places images on."""
-    frame = pd.read_csv(member.val / "predictions.csv")
+    path = member.val / "predictions.csv"
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a rank ensemble places {member.run_dir}'s scores among its validation "
+                        f"probabilities; evaluate its validation split again (predict.py --run {member.run_dir} "
+                        "--split val)")
+    frame = pd.read_csv(path)
     if COLUMN[view] not in frame:
         raise UserError(f"{member.val / 'predictions.csv'} has no {COLUMN[view]}: evaluate val with the {view} view")
     return frame[COLUMN[view]].to_numpy()
@@ -123,8 +129,7 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     table = pd.DataFrame({"isic_id": frames[0]["isic_id"], name: score,
                           "predicted_malignant": (score >= threshold).astype(int), **columns})
     if "target" not in frames[0]:
-        write_csv(out_dir / "predictions.csv", table)
-        write_json(out_dir / "ensemble.json", about)
+        write_new_images(out_dir, table, frames, about, prevalence)
         return None
     seen = np.any([f["seen"].to_numpy() != "" for f in frames], axis=0)
     if seen.any():  # scored by every member, but some member trained or validated on them: listed, not counted
@@ -143,16 +148,37 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     return metrics
 
 
-def seen_by(frames: list[pd.DataFrame]) -> list[str]:
-    """Per image, the members that trained or validated on it and in which split, e.g. '1:train 3:val'."""
-    return [" ".join(f"{k}:{split}" for k, split in enumerate(row, 1) if split)
-            for row in zip(*(f["seen"] for f in frames))]
+def write_new_images(out_dir: Path, table: pd.DataFrame, frames: list[pd.DataFrame], about: dict,
+                     prevalence: float) -> None:
+    """OUT/predictions.csv of new images (a mean's prior-corrected probability, as for a labelled set; each member's
+    split of the images its splits.csv lists) and OUT/ensemble.json."""
+    if about["how"] == "mean":
+        corrected = prior_probability(as_prediction(np.zeros(len(table)), table["probability"].to_numpy()), prevalence)
+        table.insert(2, "probability_prior_corrected", corrected)
+    table["run_split"] = seen_by(frames, "run_split")
+    seen = [any(split.split(":")[1] in SEEN for split in splits.split()) for splits in table["run_split"]]
+    if any(seen):
+        print(f"note: {sum(seen)} of {len(table)} images are in a member's own splits.csv as train or val, marked in "
+              "the run_split column of predictions.csv (member:split)")
+    write_csv(out_dir / "predictions.csv", table)
+    write_json(out_dir / "ensemble.json", about)
+
+
+def seen_by(frames: list[pd.DataFrame], column: str = "seen") -> list[str]:
+    """Per image, the members whose splits.csv lists it and in which split, e.g. '1:train 3:val'; `column`: each
+    member's split of the image ("seen": train or val only; "run_split" of new images: also test)."""
+    splits = [f[column].fillna("").astype(str) if column in f else pd.Series("", index=f.index) for f in frames]
+    return [" ".join(f"{k}:{split}" for k, split in enumerate(row, 1) if split) for row in zip(*splits)]
 
 
 def ensemble_scoring(y, score, threshold: float, how: str) -> Scoring:
     """The ensemble as one scorer: a mean's probability keeps its log-odds (for the prior correction); a rank score
     is no probability."""
+    return Scoring(as_prediction(y, score), threshold, is_probability=how == "mean")
+
+
+def as_prediction(y, score) -> Predictions:
+    """Ensemble scores as Predictions: a mean's probability keeps its log-odds (what the prior correction moves)."""
     clipped = np.clip(score, 1e-7, 1 - 1e-7)
-    pred = Predictions(y, score, np.log(clipped / (1 - clipped)).astype(np.float32),
+    return Predictions(y, score, np.log(clipped / (1 - clipped)).astype(np.float32),
                        np.zeros((len(y), 0), np.float32), float("nan"))
-    return Scoring(pred, threshold, is_probability=how == "mean")

@@ -15,10 +15,10 @@ from dataset import ImageDataset, load_images
 from engine import timings
 from engine.config import Settings
 from isic.metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_metadata
-from isic.splits import SEEN, seen_note, split_of
+from isic.splits import SEEN, seen_meaning, seen_note, split_of
 from isic.tabular import run_features
 from reporting.explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
-from reporting.reports import BOOTSTRAP, Scoring, write_labelled
+from reporting.reports import BOOTSTRAP, Scoring, prior_probability, write_labelled
 from reporting.tensorboard_log import FOLDER as TENSORBOARD, add_projector
 from reporting.webreport import SKIPPED
 from scoring.inference import Predictions, score
@@ -149,12 +149,14 @@ def score_views(run: LoadedRun, dataset, refs: References, val: dict | None, lab
     return scorings
 
 
-def prediction_columns(scorings: dict) -> dict:
-    """Each view's probability, call at val's threshold and embedding scores, as predictions.csv columns."""
+def prediction_columns(scorings: dict, prevalence: float) -> dict:
+    """Each view's probability, its prior-corrected version (`prevalence`: the training split's), the call at val's
+    threshold and the embedding scores, as predictions.csv columns."""
     columns = {}
     for view, sc in scorings.items():
         suffix = "_tta" if view == "tta" else ""
         columns[f"probability{suffix}"] = sc.pred.probabilities
+        columns[f"probability_prior_corrected{suffix}"] = prior_probability(sc.pred, prevalence)
         columns[f"predicted_malignant{suffix}"] = (sc.pred.probabilities >= sc.threshold).astype(int)
         columns.update({f"{name}_score{suffix}": v for name, v in sc.embedding_scores.items()})
     return columns
@@ -198,32 +200,37 @@ def evaluate_run(run: LoadedRun, data) -> dict:
     return evaluate_split(run, "test", data, references)
 
 
+def image_ids(files) -> list[str]:
+    """Each file's id: its stem (what metadata CSVs and splits.csv name it by), or its whole name where two files
+    share a stem (dup.jpg and dup.png), so that each is scored on its own."""
+    shared = pd.Series([f.stem for f in files]).duplicated(keep=False)
+    return [f.name if twin else f.stem for f, twin in zip(files, shared)]
+
+
 def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: bool = False) -> pd.DataFrame:
-    """Unlabelled images: probability, the call at val's threshold, kNN and prototype scores (each also with TTA),
-    neighbours.csv, similar.png for the first images (sorted by file name), and with `projector` their embeddings
-    for TensorBoard's projector (OUT/tb)."""
+    """Unlabelled images: probability (raw and prior-corrected), the call at val's threshold, kNN and prototype
+    scores (each also with TTA), neighbours.csv, similar.png for the first images (sorted by file name), and with
+    `projector` their embeddings for TensorBoard's projector (OUT/tb)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
     files = sorted(f for f in folder.iterdir() if f.suffix in IMAGE_EXTENSIONS and f.is_file())
     if not files:
         raise UserError(f"no .jpg, .jpeg or .png images in {folder}")
-    frame = pd.DataFrame({"isic_id": [f.stem for f in files], "target": 0})
+    frame = pd.DataFrame({"isic_id": image_ids(files), "target": 0, "stem": [f.stem for f in files]})
     paths, cache, bad = load_images(frame, folder, run.s)
     rows = np.flatnonzero(~frame["isic_id"].isin(bad).to_numpy())
     if len(rows) == 0:
         raise UserError(f"no readable images in {folder}")
     write_skipped(out_dir, frame, paths, bad)
-    if run.s.metadata and extra_csv:
-        frame = join_columns(frame, None, extra_csv)
-    features = run_features(run.run_dir, run.s, frame)  # without a CSV every patient fact is unknown
+    features = run_features(run.run_dir, run.s, patient_facts(frame, run.s, extra_csv))
     dataset = ImageDataset(rows, np.zeros(len(rows)), paths, run.s.img_size, cache,
                            metadata=None if features is None else features[rows])
     ids = frame["isic_id"].to_numpy()[rows]
-    held = split_of(Path(run.run_dir) / "splits.csv", ids)
+    held = split_of(Path(run.run_dir) / "splits.csv", frame["stem"].to_numpy()[rows])
     if np.isin(held, SEEN).any():
-        print(f"note: {seen_note(held, 'images')}: marked in the run_split column of predictions.csv; their "
-              "nearest training lesion is the image itself")
+        print(f"note: {seen_note(held, 'images')}, marked in the run_split column of predictions.csv: "
+              f"{seen_meaning(held)}")
     refs = run.references(visual=False)
     scorings = score_views(run, dataset, refs, read_val_metrics(run), labelled=False)
     plain = scorings["plain"]
@@ -232,9 +239,19 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: b
         write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions)
     if projector:
         add_projector(Path(out_dir) / TENSORBOARD, "images", plain.pred, run.s, dataset, ids)
-    result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings), "run_split": held})
+    prevalence = float(refs.targets.mean())  # the training split's, as for a labelled set
+    result = pd.DataFrame({"isic_id": ids, **prediction_columns(scorings, prevalence), "run_split": held})
     write_csv(Path(out_dir) / "predictions.csv", result)  # last: its presence means the scoring finished
     return result
+
+
+def patient_facts(frame: pd.DataFrame, s, extra_csv) -> pd.DataFrame:
+    """New images with their patient facts from `extra_csv` for a --metadata run, joined by file stem (two files of
+    one stem get the same facts); without a CSV every fact is unknown."""
+    if not (s.metadata and extra_csv):
+        return frame
+    joined = join_columns(frame.assign(isic_id=frame["stem"]), None, extra_csv)
+    return joined.assign(isic_id=frame["isic_id"].to_numpy())
 
 
 def predict_dataset(source: OtherData, out_dir, run: LoadedRun, projector: bool = False) -> dict:
@@ -281,8 +298,9 @@ def predict_dataset(source: OtherData, out_dir, run: LoadedRun, projector: bool 
 def write_seen(run: LoadedRun, images: ImageSet, held, refs: References, val: dict, out_dir) -> None:
     """seen_in_training.csv: the images of another dataset that the run trained or validated on, scored."""
     scorings = score_views(run, images.dataset, refs, val, labelled=False)
+    columns = prediction_columns(scorings, float(refs.targets.mean()))
     write_csv(Path(out_dir) / SEEN_FILE, pd.DataFrame({"isic_id": images.ids, "target": images.dataset.targets,
-                                                       "run_split": held, **prediction_columns(scorings)}))
+                                                       "run_split": held, **columns}))
 
 
 def write_skipped(out_dir, frame, paths, bad: dict) -> None:

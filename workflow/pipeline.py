@@ -16,7 +16,7 @@ import torch
 from dataset import data_report, prepare_data
 from engine import timings
 from engine.checkpoints import evaluation_weights, load_checkpoint, require_resumable
-from engine.config import RESUMABLE, Settings, settings_from_cli
+from engine.config import RESUMABLE, Settings, flag_of, settings_from_cli
 from engine.devices import autocast_dtype, pick_device
 from engine.distributed import broadcast, init_distributed, is_main, rank0_first
 from isic.demo import make_dataset
@@ -151,7 +151,7 @@ def resume_settings(given: dict) -> tuple[Settings, dict]:
     extra = set(given) - RESUMABLE
     if extra:
         raise UserError(f"--resume takes its settings from {out / 'config.json'}; only "
-                        f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUMABLE - {'resume'}))} may be given")
+                        f"{', '.join(flag_of(k) for k in sorted(RESUMABLE - {'resume'}))} may be given")
     s = Settings.from_dict({**json.loads((out / "config.json").read_text()), **given, "out": str(out)})
     checkpoint = load_checkpoint(out / "last.pt")
     require_resumable(checkpoint, out / "last.pt")  # now, not after an hour of building the image cache
