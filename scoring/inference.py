@@ -67,5 +67,6 @@ def load_run(run_dir, device, checkpoint: str = "best.pt") -> tuple[Settings, to
 
 
 def score(model, dataset, s, device) -> Predictions:
+    """Every image of `dataset` scored in the device's precision, by the compiled model when the run was compiled."""
     loader = image_loader(dataset, s.eval_batch_size, device, s.workers, shuffle=False)
-    return evaluate(model, loader, device, autocast_dtype(device))
+    return evaluate(torch.compile(model) if s.compile else model, loader, device, autocast_dtype(device))
