@@ -13,7 +13,8 @@ from torch import nn
 
 from conftest import ROOT
 from engine import checkpoints, timings
-from engine.checkpoints import CheckpointWriter, evaluation_checkpoint, load_checkpoint, save_checkpoint
+from engine.checkpoints import CheckpointWriter, load_checkpoint
+from experiments.checkpoint_sizes import save_costs
 from engine.config import Settings
 from test_checkpoints import trained_state
 from train import TrainingState, save_checkpoints
@@ -48,7 +49,7 @@ def test_the_file_holds_the_state_at_hand_over_while_training_goes_on(tmp_path, 
     before = state.model.weight.detach().clone()
     with CheckpointWriter() as writer:
         save_checkpoints(writer, state, s, tmp_path, best=False, last=True)
-        assert writer.thread.is_alive()  # handed over: the write goes on in the background
+        assert not writer.pending.done()  # handed over: the write goes on in the background
         with torch.no_grad():
             state.model.weight.add_(1.0)  # the next epoch's steps change the weights in place
     assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["weight"], before)
@@ -86,24 +87,14 @@ def one_thread():
 
 def test_the_training_threads_share_of_saving_is_under_a_tenth_of_a_synchronous_save(tmp_path, one_thread):
     """ResNet18's full state (weights, average, AdamW moments: 184 MB in last.pt), saved as a run saves it, three
-    times: the training thread's share (timings.json) against the same checkpoints written synchronously, side by side.
-    The first hand-over allocates the copy's memory (before epoch 1 of a run, with the epoch-0 last.pt): not counted."""
+    times: the training thread's share (timings.json) against the same checkpoints written synchronously, side by
+    side (experiments/checkpoint_sizes.py --rounds, whose figures are in docs/speed.md)."""
     s = Settings(backbone="resnet18", embedding_dim=16, epochs=4)
-    state, synchronous = trained_state(s), 0.0
-    with timings.recording(tmp_path / "timings.json"), CheckpointWriter() as writer:
-        for epoch in range(4):
-            state.epoch = epoch
-            save_checkpoints(writer, state, s, tmp_path / "background", best=True, last=True)
-            writer.wait()
-            started, checkpoint = time.perf_counter(), state.state_dict(s)
-            save_checkpoint(tmp_path / "synchronous" / "best.pt", evaluation_checkpoint(checkpoint))
-            save_checkpoint(tmp_path / "synchronous" / "last.pt", checkpoint)
-            synchronous += (time.perf_counter() - started) * (epoch > 0)
-    phases = {p["name"]: p for p in timings.read(tmp_path / "timings.json")}
-    share = sum(phases[f"training.checkpoint.epoch{epoch}"]["seconds"] for epoch in (1, 2, 3))
+    share, synchronous = save_costs(trained_state(s), s, tmp_path, rounds=3)
     print(f"training thread's share {share:.3f} s, synchronous saves {synchronous:.3f} s: {share / synchronous:.3f}")
     assert share < 0.1 * synchronous
-    assert "best.pt, last.pt copied for the background writer" in phases["training.checkpoint.epoch3"]["note"]
+    note = {p["name"]: p["note"] for p in timings.read(tmp_path / "timings.json")}["training.checkpoint.epoch3"]
+    assert note.startswith("best.pt, last.pt copied for the background writer (the previous write took")
     assert load_checkpoint(tmp_path / "background" / "last.pt")["epoch"] == 3
 
 
