@@ -174,8 +174,9 @@ def main(argv=None) -> int:
     out.add("## Benchmark, images/s", "", *bench_rows(done))
     full_run(plan, work, device, out, deadline - 0.05 * args.budget, args.tiny)
     compiled = [(batch, resident, True) for batch in plan.compiled_batches for resident in (True, False)]
-    run_cases(compiled, s, data, device, plan, out, done, deadline, cost_s=90)
-    out.add("## Benchmark with --compile, images/s", "", *bench_rows([r for r in done if r["compile"]]))
+    if compiled:
+        run_cases(compiled, s, data, device, plan, out, done, deadline, cost_s=90)
+        out.add("## Benchmark with --compile, images/s", "", *bench_rows([r for r in done if r["compile"]]))
     print(f"results: {out.path}")
     return 0
 
