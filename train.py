@@ -35,15 +35,24 @@ SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syn
 PLOT_EVERY_S = 30  # redrawing the four history plots takes ~0.3 s, a noticeable share of a 2-second CPU epoch
 
 
+LR_BATCH = 64  # the batch that --lr is given for when --lr-scaling linear scales it
+
+
+def peak_lr(s) -> float:
+    """--lr, or with --lr-scaling linear, --lr times the batch of all processes together over LR_BATCH."""
+    return s.lr * (s.batch_size * world_size() / LR_BATCH if s.lr_scaling == "linear" else 1.0)
+
+
 def build_optimizer(model, s, steps_per_epoch: int):
-    """AdamW with a linear warm-up to --lr, then cosine decay to zero over the remaining steps.
+    """AdamW with a linear warm-up to the peak learning rate (peak_lr), then cosine decay to zero over the remaining
+    steps.
 
     Weight decay applies to weight matrices and convolution kernels only: shrinking BatchNorm scales and biases
     towards zero regularises nothing useful."""
     matrices = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": s.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=s.lr)
+                                   {"params": vectors, "weight_decay": 0.0}], lr=peak_lr(s))
     warmup = max(1, round(s.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, s.epochs * steps_per_epoch)
 

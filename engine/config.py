@@ -135,6 +135,10 @@ class Settings:
                               "(default {default})", group="optimisation", type=COUNT)
     eval_batch_size: int = setting(256, "evaluation batch (default {default})", group="optimisation", type=COUNT)
     lr: float = setting(3e-4, "peak learning rate of AdamW (default {default})", group="optimisation", type=POSITIVE)
+    # train.peak_lr applies it; the sampler keeps every batch half benign, half malignant at any size
+    lr_scaling: str = setting("none", "none: --lr as given; linear: --lr times the batch (all processes together) "
+                              "over 64, the batch --lr was chosen at (default {default})", group="optimisation",
+                              choices=["none", "linear"])
     # AdamW (decoupled); not on BatchNorm weights or biases
     weight_decay: float = setting(0.05, "AdamW weight decay of weight matrices and kernels (default {default})",
                                   group="optimisation", type=NON_NEGATIVE)
