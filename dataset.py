@@ -113,7 +113,7 @@ class ResidentLoader:
         for batch in batches:
             index = order[start:start + len(batch)]
             start += len(batch)
-            yield tuple(t.to(self.device, non_blocking=True)
+            yield tuple(t.to(self.device)
                         for t in (self.images[self.rows[index]], *(part[index] for part in self.parts)))
 
 
