@@ -141,7 +141,8 @@ def hold_on_device(data: "Data", choice: str, device) -> "Data":
     with timings.phase("data.resident", note=f"{needed / 2**30:.2f} GiB"):
         resident = torch.empty(data.cache.shape, dtype=torch.uint8, device=device)
         for start in range(0, len(resident), RESIDENT_CHUNK):
-            resident[start:start + RESIDENT_CHUNK] = torch.from_numpy(np.array(data.cache[start:start + RESIDENT_CHUNK]))
+            chunk = slice(start, start + RESIDENT_CHUNK)
+            resident[chunk] = torch.from_numpy(np.array(data.cache[chunk]))
     print(f"images held in {device} memory: {needed / 2**30:.2f} GiB", flush=True)
     return dataclasses.replace(data, resident=resident)
 
