@@ -46,6 +46,13 @@ def test_auto_keeps_the_loader_on_a_cpu_and_off_is_off(loaded):
     assert not isinstance(train_loader(data, s, CPU), ResidentLoader)
 
 
+def test_auto_keeps_the_loader_when_the_cache_would_take_over_half_the_free_gpu_memory(loaded, monkeypatch, capsys):
+    s, data = loaded
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * data.cache.nbytes - 1, 80 * 2**30))
+    assert hold_on_device(data, "auto", torch.device("cuda")) is data
+    assert "images stay on the host: 0.0 GiB is more than 50% of the 0.0 GiB free on cuda" in capsys.readouterr().out
+
+
 def test_resident_training_batches_are_the_loaders(loaded):
     """Same sampler draw, same images, same order, and the same augmentation drawn from the same random stream."""
     s, data = loaded
