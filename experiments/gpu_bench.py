@@ -80,9 +80,13 @@ class Results:
 
 def environment(device: torch.device) -> str:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except OSError:  # no git on the machine
+        commit = ""
     return (f"{time.strftime('%Y-%m-%d %H:%M:%S')}; {gpu}; torch {torch.__version__}; {os.cpu_count()} CPU cores; "
-            f"code of commit {commit.stdout.strip() or 'unknown'}")
+            f"code of commit {commit or 'unknown'}")
 
 
 def bench_rows(results: list[dict]) -> list[str]:
