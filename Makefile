@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast bench crossval readme-check scale-check gpu-check clean
+.PHONY: install demo test test-fast bench crossval readme-check scale-check gpu-check gpu-bench clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +46,13 @@ GPU_PY ?= python3
 OUT ?= gpu-check-out
 gpu-check:
 	$(GPU_PY) -m experiments.gpu_check --out $(OUT) $(FLAGS)
+
+# The GPU measurement in one call of under 10 minutes: benchmark cases and the default run on 33,126 generated images,
+# into $(BENCH_OUT)/results.md (docs/speed.md). Dry run on a CPU:
+#   make gpu-bench GPU_PY=.venv/bin/python BENCH_OUT=gpu-bench-dry FLAGS="--device cpu --tiny"
+BENCH_OUT ?= gpu-bench-out
+gpu-bench:
+	$(GPU_PY) -m experiments.gpu_bench --out $(BENCH_OUT) $(FLAGS)
 
 clean:
 	rm -rf runs cache data/demo

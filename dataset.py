@@ -1,13 +1,14 @@
 """The data a run reads: metadata, split and decoded images (isic/image_cache.py) as datasets and loaders."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from engine import timings
 from engine.distributed import world_size
@@ -24,13 +25,16 @@ class ImageDataset(Dataset):
     batch has the same four parts. One item, dataset[i], is (image, target).
 
     Fetching by batch (__getitems__) turns a batch from the cache into one sorted read of the memory-mapped array
-    instead of B small ones, and skips the per-image collation; use it through `image_loader`.
+    instead of B small ones, and skips the per-image collation; use it through `image_loader`. With `resident` (the
+    whole cache as a tensor in the device's memory, Data.resident), image_loader draws the batches from there instead.
     """
 
-    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None, pair_labels=None, metadata=None):
+    def __init__(self, rows, targets, paths, size: int, cache: np.ndarray | None, pair_labels=None, metadata=None,
+                 resident: torch.Tensor | None = None):
         self.rows, self.targets, self.paths, self.size, self.cache = np.asarray(rows), targets, paths, size, cache
         self.pair_labels = np.asarray(targets if pair_labels is None else pair_labels)
         self.metadata = np.zeros((len(self.rows), 0), np.float32) if metadata is None else np.asarray(metadata)
+        self.resident = resident
 
     def __len__(self):
         return len(self.rows)
@@ -48,7 +52,11 @@ class ImageDataset(Dataset):
             images = torch.from_numpy(images)
         else:
             images = torch.stack([self._decode(row) for row in rows])
-        return (images, torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32),
+        return images, *self.labels(indices)
+
+    def labels(self, indices) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(targets, pair labels, metadata) of the items at `indices`: the three small parts of a batch."""
+        return (torch.as_tensor(np.asarray(self.targets)[indices], dtype=torch.float32),
                 torch.as_tensor(self.pair_labels[indices], dtype=torch.int64),
                 torch.as_tensor(self.metadata[indices], dtype=torch.float32))
 
@@ -63,8 +71,9 @@ def _whole_batch(batch):
     return batch  # ImageDataset.__getitems__ already returns a collated batch
 
 
-def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, **kw) -> DataLoader:
-    """A loader that never draws from the global torch random generator.
+def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, **kw):
+    """A loader that never draws from the global torch random generator: a ResidentLoader when the dataset's images
+    are held in the device's memory, else a DataLoader (both give the same batches in the same order).
 
     Every new iterator draws a base seed for its workers, from the loader's `generator` or else from the global one.
     A persistent loader draws it only when first iterated: in epoch 1 of an uninterrupted run but in the first epoch
@@ -72,9 +81,70 @@ def image_loader(dataset: ImageDataset, batch_size: int, device, workers: int, *
     a generator of its own, every epoch's global stream belongs to train.seed_epoch and the training step alone, with
     any number of workers (the workers themselves draw no random numbers: ImageDataset is deterministic).
     """
+    if dataset.resident is not None:
+        return ResidentLoader(dataset, batch_size, device, kw.get("sampler"), kw.get("shuffle", False),
+                              kw.get("drop_last", False))
     kw.setdefault("persistent_workers", workers > 0 and "sampler" in kw)  # training loaders live for many epochs
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_whole_batch,
                       pin_memory=device.type == "cuda", generator=torch.Generator(), **kw)
+
+
+class ResidentLoader:
+    """The batches a DataLoader with the same sampler would give, gathered by index from images in the device's memory:
+    no worker processes, no pinning, no copies from the host. Batches come on `device` (a no-op when the images are
+    there already)."""
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, device, sampler=None, shuffle=False, drop_last=False):
+        if sampler is None:  # what DataLoader makes of shuffle=..., with a generator of its own (see image_loader)
+            sampler = RandomSampler(dataset, generator=torch.Generator()) if shuffle else SequentialSampler(dataset)
+        self.dataset, self.sampler, self.device = dataset, sampler, torch.device(device)
+        self.batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+        self.images = dataset.resident
+        self.parts = [t.to(self.images.device) for t in dataset.labels(np.arange(len(dataset)))]
+        self.rows = torch.tensor(dataset.rows, device=self.images.device)
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        batches = list(self.batch_sampler)  # the epoch's whole draw, made when a DataLoader would make it
+        order = torch.as_tensor([i for batch in batches for i in batch], device=self.images.device)  # one copy
+        start = 0
+        for batch in batches:
+            index = order[start:start + len(batch)]
+            start += len(batch)
+            yield tuple(t.to(self.device)
+                        for t in (self.images[self.rows[index]], *(part[index] for part in self.parts)))
+
+
+RESIDENT_SHARE = 0.5  # at most this share of the GPU's free memory goes to the images; the rest is for training
+RESIDENT_CHUNK = 1024  # images copied at a time
+
+
+def hold_on_device(data: "Data", choice: str, device) -> "Data":
+    """The image cache copied into the device's memory (Data.resident) when `choice` is "on", or "auto" on a GPU whose
+    free memory holds it RESIDENT_SHARE times over; `data` as it was otherwise. Copied in chunks, so that the host
+    never holds a second copy of the whole cache."""
+    if choice == "off" or choice == "auto" and device.type != "cuda":
+        return data
+    if data.cache is None:
+        if choice == "on":
+            raise UserError("--resident on holds the image cache in the device's memory: drop --no-cache")
+        return data
+    needed = data.cache.nbytes
+    if choice == "auto":
+        free = torch.cuda.mem_get_info(device)[0]
+        if needed > RESIDENT_SHARE * free:
+            print(f"images stay on the host: {needed / 2**30:.1f} GiB is more than {RESIDENT_SHARE:.0%} of the "
+                  f"{free / 2**30:.1f} GiB free on {device}", flush=True)
+            return data
+    with timings.phase("data.resident", note=f"{needed / 2**30:.2f} GiB"):
+        resident = torch.empty(data.cache.shape, dtype=torch.uint8, device=device)
+        for start in range(0, len(resident), RESIDENT_CHUNK):
+            chunk = slice(start, start + RESIDENT_CHUNK)
+            resident[chunk] = torch.from_numpy(np.array(data.cache[chunk]))
+    print(f"images held in {device} memory: {needed / 2**30:.2f} GiB", flush=True)
+    return dataclasses.replace(data, resident=resident)
 
 
 # ---------------------------------------------------------------- the data a run uses
@@ -89,13 +159,14 @@ class Data:
     problems: list = field(default_factory=list)  # what makes the data unusable, found by --check-data
     source: str = ""             # the metadata CSV and the image folder
     metadata: np.ndarray | None = None  # encoded patient features (isic/tabular.py) per row of `frame`, with --metadata
+    resident: torch.Tensor | None = None  # the cache in the device's memory (hold_on_device), or None
 
     def dataset(self, split: str, size: int) -> ImageDataset:
         chosen = (self.frame["split"] == split).to_numpy()
         part = self.frame[chosen]
         return ImageDataset(part["row"].to_numpy(), part["target"].to_numpy(), self.paths, size, self.cache,
                             part["pair_label"].to_numpy() if "pair_label" in part else None,
-                            None if self.metadata is None else self.metadata[chosen])
+                            None if self.metadata is None else self.metadata[chosen], self.resident)
 
 
 def _unreadable(errors: dict, paths) -> str:

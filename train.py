@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dataset import eval_loader, train_loader
 from engine import timings
 from engine.augment import BatchAugment, to_float
-from engine.checkpoints import FORMAT, evaluation_checkpoint, save_checkpoint
+from engine.checkpoints import FORMAT, CheckpointWriter, evaluation_checkpoint
 from engine.devices import autocast_dtype
 from engine.distributed import any_rank, is_main, rank, settle, step_failure, world_size
 from engine.losses import PAIR_STATS, build_loss, epoch_pair_stats
@@ -35,15 +35,24 @@ SYNC_EVERY = 20  # steps between host syncs (progress bar, NaN check); fewer syn
 PLOT_EVERY_S = 30  # redrawing the four history plots takes ~0.3 s, a noticeable share of a 2-second CPU epoch
 
 
+LR_BATCH = 64  # the batch that --lr is given for when --lr-scaling linear scales it
+
+
+def peak_lr(s) -> float:
+    """--lr, or with --lr-scaling linear, --lr times the batch of all processes together over LR_BATCH."""
+    return s.lr * (s.batch_size * world_size() / LR_BATCH if s.lr_scaling == "linear" else 1.0)
+
+
 def build_optimizer(model, s, steps_per_epoch: int):
-    """AdamW with a linear warm-up to --lr, then cosine decay to zero over the remaining steps.
+    """AdamW with a linear warm-up to the peak learning rate (peak_lr), then cosine decay to zero over the remaining
+    steps.
 
     Weight decay applies to weight matrices and convolution kernels only: shrinking BatchNorm scales and biases
     towards zero regularises nothing useful."""
     matrices = [p for p in model.parameters() if p.ndim > 1]
     vectors = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": s.weight_decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=s.lr)
+                                   {"params": vectors, "weight_decay": 0.0}], lr=peak_lr(s))
     warmup = max(1, round(s.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, s.epochs * steps_per_epoch)
 
@@ -286,26 +295,49 @@ def precision_change(checkpoint: dict, precision: str) -> str | None:
             f"of the run will not be identical to an uninterrupted one")
 
 
-def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: float) -> float:
-    """Record the epoch, save last.pt (and best.pt), history.csv and, at most every PLOT_EVERY_S, the plots.
-    Returns when the plots were last drawn."""
+def last_due(epoch: int, s) -> bool:
+    """Whether last.pt is written after `epoch` (--save-every; always after the last epoch)."""
+    return epoch % s.save_every == 0 or epoch == s.epochs
+
+
+def save_checkpoints(writer: CheckpointWriter, state: TrainingState, s, out_dir: Path, best: bool, last: bool) -> None:
+    """Hand best.pt and/or last.pt to the background writer, as a snapshot of the state now. What the training thread
+    spends here (waiting for the previous write, copying the state) is the phase training.checkpoint.epochN."""
+    if not (best or last):
+        return
+    with timings.phase(f"training.checkpoint.epoch{state.epoch}") as timed:
+        checkpoint = writer.snapshot(state.state_dict(s))
+        files = {out_dir / "best.pt": evaluation_checkpoint(checkpoint)} if best else {}
+        files.update({out_dir / "last.pt": checkpoint} if last else {})
+        writer.save(files)
+        timed.note = (f"{', '.join(p.name for p in files)} copied for the background writer (the previous write took "
+                      f"{writer.seconds:.2f} s there)")
+
+
+def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: float,
+                 writer: CheckpointWriter | None = None) -> float:
+    """Record the epoch, save best.pt (when validation improved) and last.pt (when due) in the background, write
+    history.csv and, at most every PLOT_EVERY_S, the plots. Returns when the plots were last drawn. Without a
+    `writer`, the checkpoints are written before it returns."""
+    if writer is None:
+        with CheckpointWriter() as writer:
+            return end_of_epoch(state, row, s, out_dir, plotted, writer)
     improved = state.record(row, s.select_metric, s.epochs)
-    checkpoint = state.state_dict(s)
-    if improved:
-        save_checkpoint(out_dir / "best.pt", evaluation_checkpoint(checkpoint))
-    save_checkpoint(out_dir / "last.pt", checkpoint)
-    history = pd.DataFrame(state.history)
-    write_csv(out_dir / "history.csv", history)
-    if row["epoch"] == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
-        plots.history_plots(history, out_dir)
-        webreport.write_report(out_dir, training=True)  # as often as the plots, which it shows
-        plotted = time.time()
+    save_checkpoints(writer, state, s, out_dir, improved, last_due(row["epoch"], s))
+    with timings.phase(f"training.save.epoch{row['epoch']}", note="history, plots"):
+        history = pd.DataFrame(state.history)
+        write_csv(out_dir / "history.csv", history)
+        if row["epoch"] == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
+            plots.history_plots(history, out_dir)
+            webreport.write_report(out_dir, training=True)  # as often as the plots, which it shows
+            plotted = time.time()
     print(epoch_line(row, s.epochs, improved, s.w_instance > 0), flush=True)
     return plotted
 
 
 def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> TrainingState:
-    """Train for s.epochs, keeping last.pt every epoch and best.pt by validation s.select_metric.
+    """Train for s.epochs, keeping last.pt every s.save_every epochs and best.pt by validation s.select_metric, both
+    written in the background while the next epoch trains.
 
     Under torchrun every rank trains a DistributedDataParallel copy; rank 0 alone validates and writes files.
     last.pt always holds a finished epoch: an interrupted epoch is replayed from its start on resume, which seed_epoch
@@ -328,17 +360,16 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
     step_model = compiled
     if dist.is_initialized():
         step_model = DistributedDataParallel(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    eval_model = state.ema.module if state.ema is not None else compiled
+    eval_model = compiled if state.ema is None else torch.compile(state.ema.module) if s.compile else state.ema.module
     stepper = Stepper(step_model, loss_fn, optimizer, scheduler, scaler, augment, device, amp_dtype, state.ema)
     if resume_from is not None:
         restore(state, resume_from, out_dir, s)
-    elif is_main():  # epoch 0: a kill during the first epoch can be resumed too
-        save_checkpoint(out_dir / "last.pt", state.state_dict(s))
-
     launch = "python driver.py" if world_size() == 1 else "the same torchrun command with driver.py"
     resume_hint = f"continue with: {launch} --resume {shlex.quote(str(out_dir))}"
-    plotted = -math.inf
-    with StopRequest() as stop, training_board(out_dir, s, scheduler) as board:
+    plotted, saved = -math.inf, state.epoch  # saved: the epoch last.pt holds (or is being written with)
+    with StopRequest() as stop, training_board(out_dir, s, scheduler) as board, CheckpointWriter() as writer:
+        if resume_from is None and is_main():  # epoch 0: a kill during the first epoch can be resumed too
+            save_checkpoints(writer, state, s, out_dir, best=False, last=True)
         for epoch in range(state.epoch + 1, s.epochs + 1):
             started = time.time()
             seed_epoch(loader, s.seed, epoch)
@@ -347,10 +378,10 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
                     row = train_one_epoch(stepper, loader, epoch, s.epochs, stop, board)
             except Interrupted as e:  # the epoch is replayed on resume, but its time was spent: a resumed total keeps it
                 timings.add(f"training.epoch{epoch}", time.time() - started, note="interrupted, replayed on resume")
-                raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {epoch - 1}, "
+                raise UserError(f"stopped by {e} during epoch {epoch}; last.pt holds epoch {saved}, "
                                 f"{resume_hint}") from None
             except NonFiniteLoss as e:
-                kept = f"last.pt holds epoch {epoch - 1}" + (f", best.pt epoch {state.best['epoch']}"
+                kept = f"last.pt holds epoch {saved}" + (f", best.pt epoch {state.best['epoch']}"
                                                              * bool(state.best["epoch"]))
                 raise UserError(f"{e}; stopped with the checkpoints of before the failure ({kept}); "
                                 f"try a lower --lr") from None
@@ -368,12 +399,14 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
                            "seconds": time.time() - started}
                     if board is not None:
                         board.epoch(row)
-                    with timings.phase(f"training.save.epoch{epoch}", note="checkpoints, history, plots"):
-                        plotted = end_of_epoch(state, row, s, out_dir, plotted)
+                    plotted = end_of_epoch(state, row, s, out_dir, plotted, writer)
                 except Exception as e:  # reported to every rank before it is raised here
                     failure = e
             settle(failure)
-            if any_rank([bool(stop.signal)])[0]:  # came during validation or saving: this epoch is complete and saved
+            saved = epoch if last_due(epoch, s) else saved
+            if any_rank([bool(stop.signal)])[0]:  # came during validation or saving: this epoch is complete
+                if saved != epoch and is_main():  # and is saved now, whatever --save-every says
+                    save_checkpoints(writer, state, s, out_dir, best=False, last=True)
                 raise UserError(f"stopped by {stop.signal or 'a signal to another rank'} after epoch {epoch}; last.pt "
                                 f"holds epoch {epoch}, {resume_hint}")
     return state

@@ -92,6 +92,11 @@ class Settings:
     workers: Optional[int] = setting(None, "data loader worker processes (default: 0 on a CPU reading the image "
                                      "cache, min(4, cores) on a GPU or with --no-cache)",
                                      group="data", type=SEED, resumable=True, outcome=False)
+    # "auto": on a GPU when the image cache takes at most half its free memory (dataset.RESIDENT_SHARE)
+    resident: str = setting("auto", "hold the decoded images in the device's memory and draw every batch from there "
+                            "by index (same batches, same order): auto = on a GPU when the cache takes at most half "
+                            "its free memory, never on a CPU (default {default})", group="data",
+                            choices=["auto", "on", "off"], resumable=True, outcome=False)
     # model
     backbone: str = setting("resnet50", "trunk (default {default})", group="model",
                             choices=["resnet18", "resnet34", "resnet50"])
@@ -130,6 +135,10 @@ class Settings:
                               "(default {default})", group="optimisation", type=COUNT)
     eval_batch_size: int = setting(256, "evaluation batch (default {default})", group="optimisation", type=COUNT)
     lr: float = setting(3e-4, "peak learning rate of AdamW (default {default})", group="optimisation", type=POSITIVE)
+    # train.peak_lr applies it; the sampler keeps every batch half benign, half malignant at any size
+    lr_scaling: str = setting("none", "none: --lr as given; linear: --lr times the batch (all processes together) "
+                              "over 64, the batch --lr was chosen at (default {default})", group="optimisation",
+                              choices=["none", "linear"])
     # AdamW (decoupled); not on BatchNorm weights or biases
     weight_decay: float = setting(0.05, "AdamW weight decay of weight matrices and kernels (default {default})",
                                   group="optimisation", type=NON_NEGATIVE)
@@ -137,6 +146,11 @@ class Settings:
                                    group="optimisation", type=NON_NEGATIVE)
     ema: float = setting(0.999, "keep and evaluate a moving average of the weights with this decay per step; "
                          "0 turns it off (default {default})", group="optimisation", type=NON_NEGATIVE)
+    # A resume replays from last.pt's epoch; best.pt is written whenever validation improves, whatever this says
+    save_every: int = setting(1, "write last.pt every N epochs (and after the last one, or when stopped by a signal); "
+                              "best.pt is written whenever validation improves; --resume continues from last.pt's "
+                              "epoch (default {default})", group="optimisation", type=COUNT, resumable=True,
+                              outcome=False)
     select_metric: str = setting("pauc", "validation metric that picks best.pt, or 'last' for the final epoch's "
                                  "weights (default {default})", group="optimisation", choices=["pauc", "auroc", "last"])
     # run

@@ -53,7 +53,8 @@ def distinct_image(rng, malignant: bool, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(pixels + grain, 0, 255).astype(np.uint8))
 
 
-def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: int = 0, sizes=SIZES) -> Path:
+def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: int = 0, sizes=SIZES,
+             malignant: float = MALIGNANT) -> Path:
     """root/train-metadata.csv (written last: its presence means the set is complete) and train-image/image/."""
     root = Path(root)
     if (root / "train-metadata.csv").is_file():
@@ -65,7 +66,7 @@ def generate(root: Path, images: int = IMAGES, patients: int = PATIENTS, seed: i
     counts = images_per_patient(rng, images, patients)
     patient_ids = np.repeat([f"IP_{p:07d}" for p in range(len(counts))], counts)
     targets = np.zeros(images, int)
-    targets[rng.choice(images, round(MALIGNANT * images), replace=False)] = 1
+    targets[rng.choice(images, round(malignant * images), replace=False)] = 1
     size_class = rng.choice(len(sizes), images, p=[share for share, _, _ in sizes])
     print(f"generating {images} images of {patients} patients in {root} (distinct lesions hard-linked) ...", flush=True)
     pools = {}

@@ -67,5 +67,8 @@ def load_run(run_dir, device, checkpoint: str = "best.pt") -> tuple[Settings, to
 
 
 def score(model, dataset, s, device) -> Predictions:
+    """Every image of `dataset` scored in the device's precision; compiled on a GPU when the run was (--compile).
+    Elsewhere eagerly: a CPU that scores a GPU run's images may lack the C++ compiler that compiling needs there."""
     loader = image_loader(dataset, s.eval_batch_size, device, s.workers, shuffle=False)
-    return evaluate(model, loader, device, autocast_dtype(device))
+    compiled = s.compile and device.type == "cuda"
+    return evaluate(torch.compile(model) if compiled else model, loader, device, autocast_dtype(device))

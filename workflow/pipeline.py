@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dataset import data_report, prepare_data
+from dataset import data_report, hold_on_device, prepare_data
 from engine import timings
 from engine.checkpoints import evaluation_weights, load_checkpoint, require_resumable
 from engine.config import RESUMABLE, Settings, flag_of, settings_from_cli
@@ -77,7 +77,7 @@ def train_and_evaluate(s: Settings, checkpoint: dict | None, device: torch.devic
     if is_main():
         write_json(out / "config.json", s.to_dict())
         record_command(out)  # config.json holds the settings, not the command line that gave them
-    data = with_metadata(data, s, out, fit=checkpoint is None)
+    data = hold_on_device(with_metadata(data, s, out, fit=checkpoint is None), s.resident, device)
 
     seed_everything(s.seed)  # again: reading the data may have drawn random numbers (only when it built the cache)
     model = build_model(s, initial_weights=checkpoint is None, metadata_dim=metadata_width(out, s))
