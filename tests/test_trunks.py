@@ -223,3 +223,22 @@ def test_grad_cam_cells_are_drawn_at_their_patch_centres():
     cam = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     drawn = F.interpolate(cam, size=64, mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(upsample_aligned(cam, 64, 16, cell_offset(convnext, 16)), drawn, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_convnext", "vit_tiny_patch16_224"])
+def test_bf16_step_on_channels_last_is_finite_for_timm_trunks(backbone):
+    """A training step as on a GPU (channels_last, bf16 autocast), here on the CPU: finite, near float32, and the
+    embedding in float32 (the layers after the trunk run in full precision)."""
+    torch.manual_seed(0)
+    model = SiameseNet(backbone, 16, img_size=64).to(memory_format=torch.channels_last).train()
+    images = torch.rand(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    losses = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            embedding, logit = model(images)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        loss.backward()
+        assert embedding.dtype == torch.float32 and torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
