@@ -106,7 +106,9 @@ def read_weights_file(path: str) -> dict:
     else:
         state = load_checkpoint(path)
         state = state.get("model", state) if isinstance(state, dict) else state
-    return {k.removeprefix("trunk."): v for k, v in state.items()}
+    if any(k.startswith("trunk.") for k in state):  # a run's checkpoint: its trunk alone
+        state = {k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")}
+    return state
 
 
 def _load_trunk_weights(trunk: nn.Module, path: str) -> None:

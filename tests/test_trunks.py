@@ -20,6 +20,7 @@ from isic.demo import make_dataset
 from modules import SiameseNet, build_model, sync_batchnorm
 from reporting.explain import cell_offset, grad_cam, upsample_aligned
 from utils import UserError
+from workflow import pipeline
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -39,9 +40,13 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """For each trunk: a 2-epoch run, and a copy of its folder as it stood after epoch 1, resumed from there."""
+    """For each trunk: a 2-epoch run, and a copy of its folder as it stood after epoch 1, resumed from there. The
+    resumed run stops once trained: evaluating it again would only repeat the whole run's evaluation."""
     root, made = tmp_path_factory.mktemp("trunks"), {}
-    real_end = train.end_of_epoch
+    real_end, real_evaluate = train.end_of_epoch, pipeline.evaluate_run
+
+    def trained_only(*args):
+        raise UserError("trained; not evaluated again")
 
     def run_of(backbone):
         if backbone in made:
@@ -57,11 +62,16 @@ def runs(data, tmp_path_factory):
         try:
             assert driver.main(list(map(str, [
                 "--data-dir", data[0], "--cache-dir", data[1], "--out", whole, "--backbone", backbone,
-                "--img-size", TRUNKS[backbone], *SMALL, "--epochs", 2, "--workers", 0]))) == 0
+                "--img-size", TRUNKS[backbone], *SMALL, "--epochs", 2, "--workers", 0, "--no-tensorboard"]))) == 0
         finally:
             train.end_of_epoch = real_end
         assert load_checkpoint(resumed / "last.pt")["epoch"] == 1
-        assert driver.main(["--resume", str(resumed)]) == 0
+        pipeline.evaluate_run = trained_only
+        try:
+            assert driver.main(["--resume", str(resumed)]) == 2
+        finally:
+            pipeline.evaluate_run = real_evaluate
+        assert load_checkpoint(resumed / "last.pt")["epoch"] == 2
         made[backbone] = whole, resumed
         return made[backbone]
     return run_of
@@ -176,6 +186,15 @@ def test_local_weights_file_is_loaded_without_pickle(tmp_path, suffix, monkeypat
     got = model.trunk.state_dict()
     assert all(torch.equal(got[k], v) for k, v in source.state_dict().items() if not k.startswith("classifier."))
     assert model.normalize_input and model.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_trunk_of_a_runs_checkpoint_is_loaded(tmp_path):
+    """best.pt of an earlier run starts a new one: its trunk's weights, without its embedder and head."""
+    torch.manual_seed(2)
+    earlier = SiameseNet("test_efficientnet", 8)
+    torch.save({"model": earlier.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    model = build_model(Settings(backbone="test_efficientnet", weights=str(tmp_path / "best.pt"), embedding_dim=4))
+    assert all(torch.equal(model.trunk.state_dict()[k], v) for k, v in earlier.trunk.state_dict().items())
 
 
 def test_weights_file_that_does_not_fit_is_refused(tmp_path):
