@@ -70,9 +70,10 @@ def upsample_aligned(cam: torch.Tensor, size: int, stride: int, offset: float = 
 
 
 def as_map(activation: torch.Tensor, trunk) -> torch.Tensor:
-    """A block's output as (B, C, h, w): a token model's (B, prefix + h*w, C) without its class/register tokens."""
+    """A block's output as (B, C, h, w): a token model's (B, prefix + h*w, C) without its class/register tokens, a
+    channels-last trunk's (B, h, w, C) (timm's output_fmt NHWC: Swin) permuted."""
     if activation.ndim == 4:
-        return activation
+        return activation.permute(0, 3, 1, 2) if getattr(trunk, "output_fmt", "NCHW") == "NHWC" else activation
     if activation.ndim == 3:
         patches = activation[:, getattr(trunk, "num_prefix_tokens", 0):]
         side = math.isqrt(patches.shape[1])
