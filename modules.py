@@ -49,13 +49,21 @@ def _import_timm():
     return timm
 
 
-def timm_trunk(name: str, weights: str, img_size: int | None) -> nn.Module:
-    """timm's `name` without its classifier (num_classes=0), with --weights: none, imagenet (timm's default
-    pretrained weights, from the Hugging Face hub cache or a download) or a local file."""
+def check_backbone(name: str):
+    """Refuse an unknown --backbone in one line (before a run writes anything); timm, when the name is timm's."""
+    if name in TORCHVISION:
+        return None
     timm = _import_timm()
     if not timm.is_model(name):
         raise UserError(f"--backbone {name} is neither resnet18/34/50 nor a timm model; list timm's with "
                         f"python -c \"import timm; print(timm.list_models('efficientnet*'))\"")
+    return timm
+
+
+def timm_trunk(name: str, weights: str, img_size: int | None) -> nn.Module:
+    """timm's `name` without its classifier (num_classes=0), with --weights: none, imagenet (timm's default
+    pretrained weights, from the Hugging Face hub cache or a download) or a local file."""
+    timm = check_backbone(name)
     if weights == "none":
         return create_timm(timm, name, img_size)
     if weights != "imagenet":

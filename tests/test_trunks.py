@@ -218,9 +218,11 @@ def test_imagenet_weights_offline_end_in_one_line_naming_weights_path(data, tmp_
     assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").rglob("*.safetensors"))
 
 
-def test_unknown_backbone_is_refused_in_one_line():
+def test_unknown_backbone_is_refused_in_one_line_before_anything_is_written(data, tmp_path, capsys):
     with pytest.raises(UserError, match=r"--backbone resnet5O is neither resnet18/34/50 nor a timm model"):
         build_model(Settings(backbone="resnet5O"))
+    assert driver.main(["--data-dir", str(data[0]), "--out", str(tmp_path / "run"), "--backbone", "resnet5O"]) == 2
+    assert capsys.readouterr().err.startswith("error: --backbone resnet5O is neither") and not (tmp_path / "run").exists()
 
 
 def test_sync_batchnorm_keeps_timm_activations():
