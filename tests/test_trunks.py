@@ -246,7 +246,7 @@ def test_grad_cam_cells_are_drawn_at_their_patch_centres():
     assert torch.allclose(upsample_aligned(cam, 64, 16, cell_offset(convnext, 16)), drawn, atol=1e-5)
 
 
-@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_convnext", "vit_tiny_patch16_224"])
+@pytest.mark.parametrize("backbone", ["test_efficientnet", "test_convnext", "test_vit"])
 def test_bf16_step_on_channels_last_is_finite_for_timm_trunks(backbone):
     """A training step as on a GPU (channels_last, bf16 autocast), here on the CPU: finite, near float32, and the
     embedding in float32 (the layers after the trunk run in full precision)."""
