@@ -25,6 +25,7 @@ from engine.devices import autocast_dtype
 from engine.distributed import any_rank, is_main, rank, settle, step_failure, world_size
 from engine.losses import PAIR_STATS, build_loss, epoch_pair_stats
 from engine.weight_average import WeightAverage
+from modules import sync_batchnorm
 from reporting import plots, webreport
 from reporting.tensorboard_log import training_board
 from scoring.inference import evaluate
@@ -348,7 +349,7 @@ def fit(model, data, s, out_dir, device, resume_from: dict | None = None) -> Tra
             raise UserError("--compile with --sync-bn is not supported: drop one of them")
         if device.type != "cuda":
             raise UserError("--sync-bn needs CUDA GPUs: PyTorch's SyncBatchNorm has no CPU version")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same parameters and state-dict keys
+        model = sync_batchnorm(model)  # same parameters and state-dict keys
     loader, val = train_loader(data, s, device), eval_loader(data, "val", s, device)
     amp_dtype = autocast_dtype(device)
     loss_fn, augment = build_loss(s), BatchAugment()

@@ -242,4 +242,9 @@ def write_csv(path, frame) -> None:
 def library_versions() -> dict:
     import importlib.metadata as md
     names = ["torch", "torchvision", "pytorch-metric-learning", "scikit-learn", "numpy", "pandas"]
-    return {n: md.version(n) for n in names}
+    found = {n: md.version(n) for n in names}
+    try:  # needed only for a timm --backbone
+        found["timm"] = md.version("timm")
+    except md.PackageNotFoundError:
+        pass
+    return found

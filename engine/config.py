@@ -98,9 +98,11 @@ class Settings:
                             "its free memory, never on a CPU (default {default})", group="data",
                             choices=["auto", "on", "off"], resumable=True, outcome=False)
     # model
-    backbone: str = setting("resnet50", "trunk (default {default})", group="model",
-                            choices=["resnet18", "resnet34", "resnet50"])
-    weights: str = setting("none", "none | imagenet | PATH to a trunk state dict (default {default})", group="model")
+    backbone: str = setting("resnet50", "trunk: resnet18, resnet34, resnet50 (torchvision) or any timm model name, "
+                            "e.g. efficientnet_b3, convnext_tiny, vit_small_patch16_224 (default {default})",
+                            group="model")
+    weights: str = setting("none", "none | imagenet | PATH to the trunk's weights, a .safetensors or .pth state dict "
+                           "(default {default})", group="model")
     embedding_dim: int = setting(64, "embedding size (default {default})", group="model", type=COUNT)
     metadata: str = setting("", "patient metadata the head sees beside the image embedding: a comma list of age, sex, "
                             "site (columns of the metadata CSV or of --extra-csv, e.g. the official ground truth); "

@@ -96,7 +96,8 @@ def real_rates(s, data, device, compile_model: bool = False):
     on GPUs (a run's default), bf16 autocast (fp16 + GradScaler where the GPU lacks bf16), the weight average
     (--ema), torch.compile with --compile, and evaluation of the weights a run validates (the average when kept)."""
     set_deterministic(device.type == "cpu")  # a run's default when --deterministic is not given
-    model = SiameseNet(s.backbone, s.embedding_dim).to(device).to(memory_format=torch.channels_last)
+    model = SiameseNet(s.backbone, s.embedding_dim, img_size=s.img_size)
+    model = model.to(device).to(memory_format=torch.channels_last)
     loader = train_loader(data, s, device)
     optimizer, scheduler = build_optimizer(model, s, len(loader))
     amp = autocast_dtype(device)

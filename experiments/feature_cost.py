@@ -25,7 +25,7 @@ def best_time(work, repeats: int) -> float:
 def main(images: int = 16, side: int = 256, backbone: str = "resnet50") -> None:
     torch.set_num_threads(1)
     batch = torch.randint(0, 256, (images, 3, side, side), dtype=torch.uint8)
-    model = SiameseNet(backbone).eval()
+    model = SiameseNet(backbone, img_size=side).eval()
     describe = best_time(lambda: image_features(batch), 3)
     embed = best_time(lambda: model(batch.float() / 255), 2)
     print(f"{images} images of {side} px, one thread: features {describe:.3f} s, {backbone} embedding {embed:.3f} s, "

@@ -2,6 +2,7 @@
 in child processes, checks what it wrote, and returns one line of details or raises Failure / Skipped."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "wheels"
 FULL = ["--backbone", "resnet50", "--img-size", "256", "--no-tsne"]  # a default run's model, batch and precision
 TINY = ["--backbone", "resnet18", "--img-size", "32", "--batch-size", "16", "--embedding-dim", "16", "--no-tsne"]
+SECOND_BACKBONE = {False: "efficientnet_b3", True: "test_efficientnet"}  # --tiny: timm's 0.1M-parameter test model
 RUN_FILES = ["config.json", "splits.csv", "data_report.txt", "history.csv", "best.pt", "last.pt", "loss.png",
              "accuracy.png", "auroc.png", "pauc.png", "val/metrics.json", "test/metrics.json",
              "test/predictions.csv"]
@@ -102,7 +104,7 @@ def last_line(text: str) -> str:
 def environment(c: Check) -> str:
     """Versions, the GPU and its precision; pytorch-metric-learning installed from wheels/ when missing."""
     import torchvision
-    pml = ensure_metric_learning(c)
+    pml = f"{ensure_metric_learning(c)}, {ensure_timm(c)}"
     try:
         import utils  # noqa: F401  (refuses, in one line, a torch older than the code supports)
     except SystemExit as e:
@@ -130,18 +132,29 @@ def environment(c: Check) -> str:
 
 
 def ensure_metric_learning(c: Check) -> str:
-    if importlib.util.find_spec("pytorch_metric_learning"):
-        import pytorch_metric_learning
-        return f"pytorch-metric-learning {pytorch_metric_learning.__version__}"
-    wheels = sorted(WHEELS.glob("pytorch_metric_learning-*.whl"))
+    return ensure_wheel(c, "pytorch_metric_learning", "pytorch-metric-learning")
+
+
+def ensure_timm(c: Check) -> str:
+    return ensure_wheel(c, "timm", "timm")
+
+
+def ensure_wheel(c: Check, module: str, name: str) -> str:
+    """`name` as installed, or installed from its wheel in wheels/ (no network needed) into the work folder."""
+    if importlib.util.find_spec(module):
+        return f"{name} {importlib.import_module(module).__version__}"
+    wheels = sorted(WHEELS.glob(f"{module}-*.whl"))
     if not wheels:
-        raise Failure(f"pytorch-metric-learning is not installed and {WHEELS} holds no wheel of it")
+        raise Failure(f"{name} is not installed and {WHEELS} holds no wheel of it")
     site = c.work / "site-packages"
     c.command([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-               "--target", site, wheels[-1]], 120, "install pytorch-metric-learning")
-    sys.path.insert(0, str(site))
-    c.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), c.env.get("PYTHONPATH")]))
-    return f"pytorch-metric-learning from {wheels[-1].name} (was missing)"
+               "--target", site, wheels[-1]], 120, f"install {name}")
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
+    if str(site) not in c.env.get("PYTHONPATH", "").split(os.pathsep):
+        c.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), c.env.get("PYTHONPATH")]))
+    return f"{name} from {wheels[-1].name} (was missing)"
 
 
 def gpu_tests(c: Check) -> str:
@@ -259,6 +272,16 @@ def kill_and_resume(c: Check) -> str:
             + ("identical to the uninterrupted run" if same else
                "results differ from the uninterrupted run's (expected on GPUs: cuDNN benchmark mode and atomic "
                "adds are not bit-repeatable; on the CPU they must match)" if c.cuda else "DIFFERS"))
+
+
+def second_backbone(c: Check) -> str:
+    """A timm trunk (EfficientNet-B3, the ISIC 2020 winners' family) trains 2 epochs with every output, and exports."""
+    backbone = SECOND_BACKBONE[c.tiny]
+    out = c.work / "second-backbone"
+    shutil.rmtree(out, ignore_errors=True)
+    output = c.driver(out, "--backbone", backbone, "--epochs", "2", limit=180, name=f"train {backbone}")
+    exported = c.command([sys.executable, ROOT / "export.py", "--run", out, "--check", "4"], 120, f"export {backbone}")
+    return f"{backbone}: {run_summary(out, output)}<br>{last_line(exported)}"
 
 
 def epochs_done(out: Path) -> int:

@@ -2,6 +2,8 @@
 cases beside their most similar training lesions (similar.png)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,47 +24,86 @@ SAME_IMAGE = 1e-3  # a neighbour nearer than this is the query itself (distinct 
 
 
 MIN_CAM_CELLS = 4  # a coarser map cannot say where: at 64 px the last block (layer4) has only 2 x 2 cells
-BLOCKS = (("layer4", 32), ("layer3", 16), ("layer2", 8), ("layer1", 4))  # ResNet blocks and their strides
+RESNET_BLOCKS = (("layer4", 32), ("layer3", 16), ("layer2", 8), ("layer1", 4))  # torchvision ResNets, strides
 
 
-def cam_layer(size: int) -> tuple[str, int]:
+def trunk_blocks(trunk) -> tuple[tuple[str, int], ...]:
+    """The trunk's blocks that Grad-CAM may look at, deepest first, with their strides: timm lists a model's in its
+    feature_info. A token model (ViT) pools its class token after the last block, so the patch tokens that block
+    outputs get no gradient: its maps come from the block before."""
+    info = getattr(trunk, "feature_info", None)
+    if info is None:
+        return RESNET_BLOCKS
+    blocks = [(block["module"], block["reduction"]) for block in info]
+    if getattr(trunk, "num_prefix_tokens", 0):
+        blocks = blocks[:-1]
+    return tuple(reversed(blocks))
+
+
+def cam_layer(size: int, blocks=RESNET_BLOCKS) -> tuple[str, int]:
     """The deepest trunk block whose map has at least MIN_CAM_CELLS cells per side at this image size."""
-    return next(((name, stride) for name, stride in BLOCKS if size // stride >= MIN_CAM_CELLS), BLOCKS[-1])
+    return next(((name, stride) for name, stride in blocks if size // stride >= MIN_CAM_CELLS), blocks[-1])
 
 
-def upsample_aligned(cam: torch.Tensor, size: int, stride: int) -> torch.Tensor:
-    """(B, 1, h, w) → (B, size, size), each cell drawn where its receptive field is centred.
+def cell_offset(trunk, stride: int) -> float:
+    """Where cell 0 of a stride-s map is centred, in input pixels. Every stride-2 step of a ResNet or EfficientNet
+    (odd kernels, padding k // 2) keeps output i over input 2i: 0. A trunk that starts with a patchifying convolution
+    (kernel = stride, no padding: ConvNeXt, ViT) covers pixels s*i to s*i + s - 1 with cell i: (s - 1) / 2."""
+    stem = next(m for m in trunk.modules() if isinstance(m, torch.nn.Conv2d))
+    patchify = stem.kernel_size == stem.stride and stem.padding == (0, 0)
+    return (stride - 1) / 2 if patchify else 0.0
 
-    Every stride-2 step of a ResNet (7x7/pad 3, 3x3/pad 1, 1x1) keeps output i over input 2i, so cell i of a
-    stride-s map is centred on input pixel s*i. Bilinear upsampling with align_corners=False would draw it at
-    s*i + s/2 - 0.5 instead: at 64 px with 2 x 2 cells, the cell over the image centre (where lesions are) lands on
-    the bottom-right quadrant. Beyond the last cell the map is held constant."""
+
+def upsample_aligned(cam: torch.Tensor, size: int, stride: int, offset: float = 0.0) -> torch.Tensor:
+    """(B, 1, h, w) → (B, size, size), each cell drawn where its receptive field is centred: cell i of a stride-s map
+    at input pixel s*i + offset (cell_offset).
+
+    For a ResNet (offset 0), bilinear upsampling with align_corners=False would draw cell i at s*i + s/2 - 0.5
+    instead: at 64 px with 2 x 2 cells, the cell over the image centre (where lesions are) lands on the bottom-right
+    quadrant. Beyond the last cell the map is held constant."""
     h, w = cam.shape[-2:]
-    axis = lambda n: (2 * torch.arange(size, device=cam.device) / stride / max(n - 1, 1) - 1).float()  # noqa: E731
+    pixels = torch.arange(size, device=cam.device) - offset
+    axis = lambda n: (2 * pixels / stride / max(n - 1, 1) - 1).float()  # noqa: E731
     gy, gx = torch.meshgrid(axis(h), axis(w), indexing="ij")
     grid = torch.stack([gx, gy], -1)[None].expand(len(cam), -1, -1, -1)
     return F.grid_sample(cam, grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
 
 
+def as_map(activation: torch.Tensor, trunk) -> torch.Tensor:
+    """A block's output as (B, C, h, w): a token model's (B, prefix + h*w, C) without its class/register tokens, a
+    channels-last trunk's (B, h, w, C) (timm's output_fmt NHWC: Swin) permuted."""
+    if activation.ndim == 4:
+        return activation.permute(0, 3, 1, 2) if getattr(trunk, "output_fmt", "NCHW") == "NHWC" else activation
+    if activation.ndim == 3:
+        patches = activation[:, getattr(trunk, "num_prefix_tokens", 0):]
+        side = math.isqrt(patches.shape[1])
+        if side * side == patches.shape[1]:
+            return patches.transpose(1, 2).reshape(len(patches), -1, side, side)
+    raise UserError(f"Grad-CAM cannot read this trunk's block outputs (shape {tuple(activation.shape)}); "
+                    "train with a convolutional or ViT --backbone to draw gallery.png")
+
+
 def grad_cam(model, images, metadata=None) -> torch.Tensor:
     """Grad-CAM of the malignant logit at cam_layer's block: (B, H, W) heat maps scaled to [0, 1]."""
     store = {}
-    name, stride = cam_layer(images.shape[-1])
-    hook = getattr(model.trunk, name).register_forward_hook(lambda module, inputs, output: store.update(a=output))
+    name, stride = cam_layer(images.shape[-1], trunk_blocks(model.trunk))
+    block = model.trunk.get_submodule(name)
+    hook = block.register_forward_hook(lambda module, inputs, output: store.update(a=output))
     try:
         with torch.enable_grad():
             _, logits = model(images, metadata)
             grads = torch.autograd.grad(logits.sum(), store["a"])[0]  # eval mode: each logit sees only its image
     finally:
         hook.remove()
-    cam = F.relu((grads.mean((2, 3), keepdim=True) * store["a"]).sum(1, keepdim=True))
-    cam = upsample_aligned(cam.float(), images.shape[-1], stride)
+    activation, grads = as_map(store["a"], model.trunk), as_map(grads, model.trunk)
+    cam = F.relu((grads.mean((2, 3), keepdim=True) * activation).sum(1, keepdim=True))
+    cam = upsample_aligned(cam.float(), images.shape[-1], stride, cell_offset(model.trunk, stride))
     return (cam / cam.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]).detach()
 
 
-def cam_note(size: int) -> str:
+def cam_note(size: int, blocks=RESNET_BLOCKS) -> str:
     """The caption under gallery.png: how coarse the heat maps are, in plain words."""
-    name, stride = cam_layer(size)
+    name, stride = cam_layer(size, blocks)
     cells = size // stride
     return (f"The heat maps are coarse: at {size} px the network's map (Grad-CAM at trunk.{name}) has only {cells} x "
             f"{cells} cells, each {stride} px wide, smoothed for display. They show roughly where the score came from, "
@@ -110,7 +151,7 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
         rows[title] = [(images[j], cams[j], f"{ids[i]}\nP(melanoma) {p[i]:.3f}") for j, i in enumerate(cases)]
     plots.gallery_plot(rows, path, "Where the model looked in its most confident right and wrong calls\n"
                        "(each case: the image with P(melanoma), then the regions that raised that score)",
-                       cam_note(dataset[0][0].shape[-1]))
+                       cam_note(dataset[0][0].shape[-1], trunk_blocks(model.trunk)))
 
 
 def as_picture(image: torch.Tensor) -> np.ndarray:

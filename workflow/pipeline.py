@@ -22,7 +22,7 @@ from engine.distributed import broadcast, init_distributed, is_main, rank0_first
 from isic.demo import make_dataset
 from isic.splits import write_splits
 from isic.tabular import metadata_width, with_metadata
-from modules import build_model
+from modules import build_model, check_backbone
 from reporting.reports import summary_line
 from reporting.tensorboard_log import write_results
 from reporting.webreport import record_command, write_report
@@ -112,6 +112,7 @@ def loader_workers(device: torch.device, cached: bool) -> int:
 
 def new_settings(given: dict) -> Settings:
     s = settings_from_cli(given)
+    check_backbone(s.backbone)
     s.versions = library_versions()
     s.given = sorted(given)  # report.html tells a typed value from a default or a profile's
     if s.demo and not s.data_dir and not s.csv:
