@@ -23,9 +23,9 @@ from markupsafe import Markup
 
 from engine.config import PROFILES, Settings
 from utils import write_text
-from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt, history_cell,
-                            is_number, leaves, number_groups, plural, read_csv, read_json, readable, same_as_default,
-                            timings)
+from reporting.webreport_html import (CI, Code, Grid, Link, Num, Parts, Table, csv_table, dig, figure, fmt,
+                                     history_cell, is_number, leaves, number_groups, plural, read_csv, read_json,
+                                     readable, same_as_default, timings)
 
 REPORT, COMMANDS, TIMINGS, SKIPPED = "report.html", "commands.txt", "timings.json", "skipped_images.csv"
 SPLITS = ("test", "val")  # test first: the headline (and first when the columns stack in a narrow window)
@@ -43,10 +43,15 @@ THRESHOLD_ROWS = ("threshold", "sensitivity", "specificity", "precision", "f1", 
 CALIBRATION_ROWS = {"brier": "Brier (raw: 50% training prior)", "brier_prior_corrected": "Brier, prior-corrected",
                     "ece": "ECE (raw)", "ece_prior_corrected": "ECE, prior-corrected",
                     "train_prevalence": "training prevalence", "ece_bins": "ECE bins"}
-SECTIONS = {"run": "What was run", "curves": "Training curves", "summary": "Test summary", "predictions": "Predictions",
-            "skipped": "Skipped images", "plots": "ROC, precision-recall and calibration", "embeddings": "Embeddings",
-            "gallery": "Error gallery", "similar": "Similar lesions", "timings": "Timings", "other": "Other figures",
-            "numbers": "Other numbers in metrics.json"}  # in the template's order
+# In the template's order: how good it is first (results, then the curves), then the figures, then the details.
+SECTIONS = {"summary": "Test summary", "ensemble": "Ensemble members", "predictions": "Predictions",
+            "skipped": "Skipped images", "curves": "Training curves", "plots": "ROC, precision-recall and calibration",
+            "embeddings": "Embeddings", "gallery": "Error gallery", "similar": "Similar lesions",
+            "details": "Results in detail", "run": "What was run", "timings": "Timings", "other": "Other figures",
+            "numbers": "Other numbers in metrics.json"}
+RULES = {"mean": "the mean of the members' probabilities",
+         "rank": "the mean over the members of where each member's probability falls among its own validation "
+                 "probabilities (0: below all, 1: above all): a rank score, not a probability"}
 CSS = Path(__file__).with_name("webreport.css")  # inlined into each page
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -95,13 +100,16 @@ class Page:
         self.predictions = read_csv(folder / "predictions.csv") if not self.evaluated else []
         self.skipped = read_csv(folder / SKIPPED)
         self.shown = {name: set() for name in self.splits}
+        self.about = read_json(folder / "ensemble.json") or next(
+            (m["ensemble"] for m in self.metrics.values() if "ensemble" in m), {})  # an ensemble of runs: how
 
     def context(self) -> dict:
         """Everything the template shows, section by section; `sections` names those that have something to show."""
         predict = self.run != self.folder
         named = self.config.get("out") and not predict
         c = dict(name=Path(self.config["out"]).name if named else self.folder.resolve().name, predict=predict,
-                 css=Markup(CSS.read_text()), status=self.status(),
+                 kind="Ensemble" if self.about else "Predictions" if predict else "Run",
+                 css=Markup(CSS.read_text()), status=self.status(), ensemble=self.ensemble(),
                  run=self.what_was_run(), curves=self.curves(), summary=[self.card(s) for s in self.evaluated],
                  predictions=self.prediction_table(), skipped=self.skipped_table(),
                  plots=self.figures_by_split(CURVE_FIGURES),
@@ -109,8 +117,9 @@ class Page:
                  gallery=self.figures_by_split({"gallery.png": "gallery"}, wide=True), similar=self.similar(),
                  timings=timings(read_json(self.folder / TIMINGS)), other=self.other_figures(),
                  folder=str(self.folder.resolve()), written=time.strftime("%Y-%m-%d %H:%M:%S"))
+        c["details"] = c["summary"]  # the same cards: their headline numbers first, the rest after the figures
         c["numbers"] = self.other_numbers()  # last: it needs every table drawn
-        titles = {**SECTIONS, "summary": "Results"} if c["predict"] else SECTIONS
+        titles = {**SECTIONS, "summary": "Results"} if c["predict"] or self.about else SECTIONS
         c["sections"] = {key: title for key, title in titles.items() if c[key]}
         return c
 
@@ -131,12 +140,15 @@ class Page:
                                             "as the history plots are redrawn; val/test results appear when "
                                             "training ends.")
         model = f"the model of run {self.run.resolve().name}"
+        if self.about:
+            model = f"an ensemble of {len(self.about.get('runs', []))} runs ({self.about.get('how')})"
+        threshold = "the ensemble's threshold" if self.about else "the run's threshold"
         skipped = f"; {plural(len(self.skipped), 'unreadable file')} skipped" if self.skipped else ""
         if self.predictions:
             flagged = sum(r.get("predicted_malignant") == "1" for r in self.predictions)
-            text = (f"{plural(len(self.predictions), 'unlabelled image')} scored by {model}: {flagged} above the "
-                    f"run's threshold{skipped}.")
-        elif self.folder != self.run:
+            text = (f"{plural(len(self.predictions), 'unlabelled image')} scored by {model}: {flagged} above "
+                    f"{threshold}{skipped}.")
+        elif self.folder != self.run or self.about:
             n = self.metrics[self.evaluated[0]].get("n", "?") if self.evaluated else 0
             text = f"{n} labelled images evaluated by {model}{skipped}." if n else f"Nothing scored yet by {model}."
         else:
@@ -194,7 +206,7 @@ class Page:
         figures = Grid([figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f != "pairs.png"],
                        [figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f == "pairs.png"])  # two panels
         if not self.history:
-            return dict(table=None, figures=figures) if figures.figures or figures.wide else {}
+            return dict(table=None, note="", figures=figures) if figures.figures or figures.wide else {}
         metric = self.config.get("select_metric", "pauc")
         column = f"val_{'pauc' if metric == 'last' else metric}"
         best, score = len(self.history) - 1, -math.inf  # as train.TrainingState.record picks best.pt
@@ -203,10 +215,44 @@ class Page:
                 best, score = i, float(r.get(column) or "nan")
         rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(HISTORY_COLUMNS)[1:]),
                  "best" if i == best else ""] for i, r in enumerate(self.history)]
-        shown = rows[-SHOWN_ROWS:]
-        note = (f"The last {len(shown)} of {len(rows)} epochs; every epoch is in history.csv."
-                if len(shown) < len(rows) else "")
-        return dict(table=Table([*HISTORY_COLUMNS.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+        best_row = self.history[best]
+        note = (f"best.pt holds epoch {best_row['epoch']} (by val {metric}): val AUROC "
+                f"{history_cell('val_auroc', best_row.get('val_auroc'))}, val pAUC "
+                f"{history_cell('val_pauc', best_row.get('val_pauc'))}.")
+        return dict(table=Table([*HISTORY_COLUMNS.values(), f"best.pt ({metric})"], rows), note=note, figures=figures,
+                    epochs=len(rows))
+
+    # ---------------------------------------------------------------- an ensemble of runs
+
+    def ensemble(self) -> dict:
+        """An ensemble's members (linked to their reports, with their numbers), its rule, threshold and gain."""
+        if not self.about:
+            return {}
+        split = next((s for s in self.evaluated if "ensemble" in self.metrics[s]), None)
+        value = (lambda *path: self.num(split, "ensemble", *path)) if split else (lambda *path: fmt(dig(self.about,
+                                                                                                         path)))
+        rows = [[str(k), Code(Path(r.get("run", "?")).name), self.member_link(r), value("members", k - 1, "val_auroc"),
+                 value("members", k - 1, "val_pauc"), value("members", k - 1, "threshold"),
+                 *([value("members", k - 1, "auroc"), value("members", k - 1, "pauc")] if split else [])]
+                for k, r in enumerate(self.about.get("members", []), 1)]
+        header = ["", "run", "report", "val AUROC", "val pAUC", "threshold (chosen on its val)",
+                  *(["AUROC here", "pAUC here"] if split else [])]
+        if split:
+            rows.append(["", "ensemble", "this page", "", "", value("threshold"), self.num(split, "auroc"),
+                         self.num(split, "pauc")])
+        gain = self.about.get("gain_over_best_member")
+        return dict(members=Table(header, rows, numeric_from=3), rule=RULES.get(self.about.get("how"), "?"),
+                    view="test-time-augmented (TTA)" if self.about.get("view") == "tta" else "plain",
+                    threshold=value("threshold"), how=self.about.get("how"), runs=self.about.get("runs", []),
+                    gain=Parts(["AUROC ", value("gain_over_best_member", "auroc"), ", pAUC ",
+                                value("gain_over_best_member", "pauc")]) if gain else None,
+                    seen=value("left_out_seen_in_training") if "left_out_seen_in_training" in self.about else "")
+
+    def member_link(self, record: dict) -> Link | str:
+        folder = record.get("folder")
+        if folder and (self.folder / folder / REPORT).is_file():
+            return Link(Path(folder, REPORT).as_posix(), f"{folder}/{REPORT}")
+        return "no report"
 
     # ---------------------------------------------------------------- results
 
