@@ -84,7 +84,7 @@ def pairs_plot(history, path, named: str = "") -> None:
     while fewer pairs remain active; the fractions and distances show the change it hides."""
     if "train_pos_active" not in history:  # a history from before these were logged
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9))
     marker = "o" if len(history) <= MARKERS_UP_TO else None
     for ax, kind, ylabel in ((left, "active", "fraction of pairs with non-zero loss"),
                              (right, "distance", "mean distance (L2, normalised: 0 to 2)")):

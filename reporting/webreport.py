@@ -112,7 +112,7 @@ class Page:
                  css=Markup(CSS.read_text()), status=self.status(), ensemble=self.ensemble(),
                  run=self.what_was_run(), curves=self.curves(), summary=[self.card(s) for s in self.evaluated],
                  predictions=self.prediction_table(), skipped=self.skipped_table(),
-                 plots=self.figures_by_split(CURVE_FIGURES),
+                 plots=self.curve_figures(),
                  embeddings=self.figures_by_split({"embeddings.png": "embeddings"}, wide=True),
                  gallery=self.figures_by_split({"gallery.png": "gallery"}, wide=True), similar=self.similar(),
                  timings=timings(read_json(self.folder / TIMINGS)), other=self.other_figures(),
@@ -345,21 +345,32 @@ class Page:
 
     # ---------------------------------------------------------------- figures
 
-    def figures_by_split(self, names: dict, wide: bool = False) -> list[Grid]:
-        """Each figure for every split, side by side (wide figures one under the other)."""
+    def figures_by_split(self, names: dict, wide: bool = False, shown: int = 1) -> list[Grid]:
+        """Each figure for every split, side by side; wide figures one under the other, those after the first
+        `shown` folded (a click opens them), so that a page with val and test stays a few screens long."""
         grids = []
         for file, caption in names.items():
             found = [figure(d / file, f"{split}: {caption}") for split, d in self.splits.items()
                      if (d / file).is_file()]
             if found:
-                grids.append(Grid(wide=found) if wide else Grid(found))
+                grids.append(Grid(wide=found[:shown], folded=found[shown:]) if wide else Grid(found))
         return grids
 
+    def curve_figures(self) -> list[Grid]:
+        """ROC, precision-recall and calibration of each split in a row (test first), then the confusion matrices."""
+        rows = [Grid([figure(d / f, f"{split}: {CURVE_FIGURES[f]}") for f in CURVE_FIGURES if (d / f).is_file()
+                      and f != "confusion_matrix.png"], kind="trio") for split, d in self.splits.items()]
+        rows += [Grid(g.figures, kind="trio") for g in
+                 self.figures_by_split({"confusion_matrix.png": CURVE_FIGURES["confusion_matrix.png"]})]
+        return [g for g in rows if g.figures]
+
     def similar(self) -> dict:
+        """similar.png and neighbours.csv of each split: folded beside a labelled set's results (each similar.png is
+        several screens tall), shown for new images, where they are the result."""
         tables = [csv_table(rows, f"{split}: neighbours.csv") for split, d in self.splits.items()
                   if (rows := read_csv(d / "neighbours.csv"))]
-        grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True)
-        return dict(figures=grids, tables=tables) if grids or tables else {}
+        grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True, shown=0 if self.evaluated else 1)
+        return dict(figures=grids, tables=tables, folded=bool(self.evaluated)) if grids or tables else {}
 
     def other_figures(self) -> Grid | None:
         """Figures this page does not know yet: shown rather than silently left out."""

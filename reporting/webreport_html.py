@@ -75,9 +75,12 @@ class Figure:
 
 @dataclass
 class Grid:
-    """Figures side by side (they stack in a narrow window); wide ones each take the page's width."""
+    """Figures side by side (they stack in a narrow window); wide ones each take the page's width; folded ones too,
+    each behind its caption in a <details> element. kind "trio": three side by side in a wide window."""
     figures: list = field(default_factory=list)
     wide: list = field(default_factory=list)
+    folded: list = field(default_factory=list)
+    kind: str = "grid"
 
 
 # ---------------------------------------------------------------- how numbers and names are written

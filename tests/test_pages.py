@@ -97,6 +97,23 @@ def test_a_120_epoch_page_folds_the_epochs_and_summarises_the_timings(tmp_path):
     assert "best.pt holds epoch 1 (by val pauc)" in page.words("curves")
 
 
+def test_tall_figures_of_a_labelled_page_are_folded(tmp_path):
+    """Test's embeddings and gallery shown, val's behind a click; similar.png (several screens each) folded."""
+    run = tmp_path / "run"
+    fake_run(run)
+    for split in ("test", "val"):
+        png(run / split / "similar.png")
+    webreport.write_report(run)
+    page = Layout((run / "report.html").read_text())
+    assert [(t["section"], t["folded"]) for t in page.tables if t["section"] in ("timings", "run")] == \
+        [("run", True), ("run", True)]  # settings and library versions
+    html = (run / "report.html").read_text()
+    for caption in ("val: embeddings", "val: gallery", "test: similar lesions", "val: similar lesions"):
+        assert f"<details><summary>{caption}</summary>" in html
+    for caption in ("test: embeddings", "test: gallery"):
+        assert f"<details><summary>{caption}</summary>" not in html and f"<figcaption>{caption}</figcaption>" in html
+
+
 def member_folder(folder, scores, targets, threshold: float, val_auroc: float):
     """A member as predict.py leaves it inside an ensemble's folder: its scores, its report, its val evaluation."""
     folder.mkdir(parents=True)
