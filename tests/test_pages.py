@@ -9,6 +9,7 @@ import pandas as pd
 
 from engine.config import Settings
 from reporting import webreport
+from reporting.reports import figure_subject
 from test_report import fake_run, png
 from utils import write_csv, write_json
 from workflow.ensemble import Member, write_ensemble
@@ -120,6 +121,7 @@ def member_folder(folder, scores, targets, threshold: float, val_auroc: float):
     ids = [f"ISIC_{i}" for i in range(len(scores))]
     write_csv(folder / "predictions.csv", pd.DataFrame({"isic_id": ids, "target": targets, "probability": scores}))
     (folder / "report.html").write_text("<!doctype html><title>member</title>")
+    write_json(folder / "metrics.json", {"split": "test", "auroc": 0.5})  # the member's own evaluation
     write_json(folder / "val" / "metrics.json", {"threshold": threshold, "auroc": val_auroc, "pauc": 0.1})
     write_csv(folder / "val" / "predictions.csv", pd.DataFrame({"probability": scores}))
     return Member(folder, folder, folder / "val")
@@ -148,6 +150,7 @@ def test_an_ensemble_page_lists_and_links_its_members(tmp_path):
     assert m["ensemble"]["gain_over_best_member"]["auroc"] == gain
     assert f"Gain over the best member on these images: AUROC {gain:.4f}" in words
     assert "the mean of the members' probabilities" in words
+    assert figure_subject(m) == "ensemble of 2 runs (mean), test split"  # the figures name the members' split
 
 
 def test_an_ensemble_of_new_images_names_its_threshold_and_members(tmp_path):

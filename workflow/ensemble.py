@@ -140,6 +140,9 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
               "left_out_seen_in_training": int(seen.sum())}
     extra = {"ensemble": about, "threshold_chosen_on": "mean of the members' val thresholds" if how == "mean" else
              "mean of the members' val thresholds, each placed among its val probabilities"}
+    scored = members[0].scored / "metrics.json"  # what the members scored: a split of their runs, or a dataset
+    extra |= {k: v for k, v in (json.loads(scored.read_text()) if scored.is_file() else {}).items()
+              if k in ("split", "dataset")}
     groups = None if groups_by_id is None else kept["isic_id"].map(groups_by_id).to_numpy()
     metrics = write_labelled({"plain": ensemble_scoring(y, score[~seen], threshold, how)}, kept["isic_id"].to_numpy(),
                              out_dir, s, extra, groups, prevalence, resamples)
