@@ -41,8 +41,8 @@ def below(ax, ncol: int = 1) -> None:
 def best_line(ax, best: dict | None) -> None:
     """best: {"epoch": e, "metric": name} of the epoch best.pt holds, drawn as a dotted vertical line."""
     if best and best.get("epoch"):
-        ax.axvline(best["epoch"], color="0.35", ls=":", lw=1.2,
-                   label=f"best.pt: epoch {best['epoch']} (val {best['metric']})")
+        chosen = "the last" if best["metric"] == "last" else f"val {best['metric']}"
+        ax.axvline(best["epoch"], color="0.35", ls=":", lw=1.2, label=f"best.pt: epoch {best['epoch']} ({chosen})")
 
 
 def _curves(history, columns: dict, ylabel: str, path, title: str, best: dict | None = None) -> None:

@@ -216,7 +216,8 @@ class Page:
         rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(HISTORY_COLUMNS)[1:]),
                  "best" if i == best else ""] for i, r in enumerate(self.history)]
         best_row = self.history[best]
-        note = (f"best.pt holds epoch {best_row['epoch']} (by val {metric}): val AUROC "
+        chosen = "the last one, --select-metric last" if metric == "last" else f"by val {metric}"
+        note = (f"best.pt holds epoch {best_row['epoch']} ({chosen}): val AUROC "
                 f"{history_cell('val_auroc', best_row.get('val_auroc'))}, val pAUC "
                 f"{history_cell('val_pauc', best_row.get('val_pauc'))}.")
         return dict(table=Table([*HISTORY_COLUMNS.values(), f"best.pt ({metric})"], rows), note=note, figures=figures,
