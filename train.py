@@ -329,7 +329,7 @@ def end_of_epoch(state: TrainingState, row: dict, s, out_dir: Path, plotted: flo
         history = pd.DataFrame(state.history)
         write_csv(out_dir / "history.csv", history)
         if row["epoch"] == s.epochs or time.time() - plotted >= PLOT_EVERY_S:
-            plots.history_plots(history, out_dir)
+            plots.history_plots(history, out_dir, Path(out_dir).name, {**state.best, "metric": s.select_metric})
             webreport.write_report(out_dir, training=True)  # as often as the plots, which it shows
             plotted = time.time()
     print(epoch_line(row, s.epochs, improved, s.w_instance > 0), flush=True)

@@ -3,7 +3,7 @@
     python -m experiments.gradcam_check runs/X      # a run at 64 px, e.g. the demo's
 
 For the last block (layer4, upsampled bilinearly with align_corners=False) and for explain.grad_cam (the
-deepest block with at least 4 x 4 cells, each cell drawn at its receptive field's centre), prints the mean heat-map
+deepest block with at least 7 x 7 cells, each cell drawn at its receptive field's centre), prints the mean heat-map
 centroid and its distance from the lesion's centre, and where each layer4 cell's receptive field is centred.
 """
 from __future__ import annotations

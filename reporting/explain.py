@@ -23,7 +23,7 @@ FIRST_IMAGES = 12  # predict.py --images: similar.png shows the first 12 images 
 SAME_IMAGE = 1e-3  # a neighbour nearer than this is the query itself (distinct lesions lie ~0.01 apart or more)
 
 
-MIN_CAM_CELLS = 4  # a coarser map cannot say where: at 64 px the last block (layer4) has only 2 x 2 cells
+MIN_CAM_CELLS = 7  # a coarser map cannot say where: at 64 px layer4 has 2 x 2 cells, layer3 4 x 4, layer2 8 x 8
 RESNET_BLOCKS = (("layer4", 32), ("layer3", 16), ("layer2", 8), ("layer1", 4))  # torchvision ResNets, strides
 
 
@@ -102,12 +102,12 @@ def grad_cam(model, images, metadata=None) -> torch.Tensor:
 
 
 def cam_note(size: int, blocks=RESNET_BLOCKS) -> str:
-    """The caption under gallery.png: how coarse the heat maps are, in plain words."""
+    """The caption under gallery.png: which map the heat maps come from and how coarse it is, in plain words."""
     name, stride = cam_layer(size, blocks)
     cells = size // stride
-    return (f"The heat maps are coarse: at {size} px the network's map (Grad-CAM at trunk.{name}) has only {cells} x "
-            f"{cells} cells, each {stride} px wide, smoothed for display. They show roughly where the score came from, "
-            "not which structure (network, dots, border) caused it.")
+    return (f"Grad-CAM at trunk.{name}, the deepest block whose map has at least {MIN_CAM_CELLS} x {MIN_CAM_CELLS} "
+            f"cells at {size} px: {cells} x {cells} cells, each {stride} px wide, smoothed for display. The maps show "
+            "roughly where the score came from, not which structure (network, dots, border) caused it.")
 
 
 def gallery_cases(y, p, threshold: float, n: int = GALLERY) -> dict:
@@ -122,11 +122,13 @@ def gallery_cases(y, p, threshold: float, n: int = GALLERY) -> dict:
 
 def similar_cases(confident: dict, y, seed: int) -> dict:
     """similar.png's queries: the CONFIDENT most confident of each of gallery_cases' kinds, then TYPICAL of each class
-    drawn at random with `seed`, so that the figure also shows retrieval for ordinary lesions."""
+    drawn at random with `seed` from the images not shown above, so that the figure also shows retrieval for ordinary
+    lesions."""
     cases = {title.split(" (")[0]: found[:CONFIDENT] for title, found in confident.items()}
+    shown = [i for found in cases.values() for i in found]
     rng = np.random.default_rng(seed)
     for label, name in enumerate(plots.CLASSES):
-        pool = np.flatnonzero(np.asarray(y) == label)
+        pool = np.setdiff1d(np.flatnonzero(np.asarray(y) == label), shown)
         cases[f"{name}, at random"] = sorted(int(i) for i in rng.choice(pool, min(TYPICAL, len(pool)), replace=False))
     return cases
 
@@ -137,8 +139,9 @@ def image_cases(n: int) -> dict:
 
 
 def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path, device, cases: dict | None = None,
-                  n: int = GALLERY) -> None:
-    """gallery.png: the most confident true positives, false positives and false negatives, with Grad-CAM."""
+                  n: int = GALLERY, subject: str = "scored images") -> None:
+    """gallery.png: the most confident true positives, false positives and false negatives of `subject` (e.g. "test
+    split, run demo"), with Grad-CAM."""
     y, p = pred.targets, pred.probabilities
     chosen = cases if cases is not None else gallery_cases(y, p, threshold, n)
     rows = {}
@@ -149,7 +152,7 @@ def write_gallery(model, dataset, ids, pred: Predictions, threshold: float, path
             cams = grad_cam(model.eval(), images, metadata).cpu().numpy()
             images = images.permute(0, 2, 3, 1).cpu().numpy()
         rows[title] = [(images[j], cams[j], f"{ids[i]}\nP(melanoma) {p[i]:.3f}") for j, i in enumerate(cases)]
-    plots.gallery_plot(rows, path, "Where the model looked in its most confident right and wrong calls\n"
+    plots.gallery_plot(rows, path, f"{subject}: where the model looked in its most confident right and wrong calls\n"
                        "(each case: the image with P(melanoma), then the regions that raised that score)",
                        cam_note(dataset[0][0].shape[-1], trunk_blocks(model.trunk)))
 
@@ -172,9 +175,11 @@ def training_images(s, ids) -> dict | None:
     return {i: as_picture(decode(path, s.img_size)) for i, path in zip(ids, paths)}
 
 
-def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs, s, path) -> None:
-    """similar.png: each case of `cases` ({heading: [indices into dataset]}) beside its nearest training lesions
-    (`rows`, `distances`: one row of neighbour indices and distances per image). `labels` None: unlabelled images."""
+def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs, s, path,
+                  subject: str = "scored images") -> None:
+    """similar.png: each case of `cases` ({heading: [indices into dataset]}) of `subject` (e.g. "test split, run
+    demo") beside its nearest training lesions (`rows`, `distances`: one row of neighbour indices and distances per
+    image). `labels` None: unlabelled images."""
     chosen = [(f"{title} {k} of {len(indices)}", i) for title, indices in cases.items()
               for k, i in enumerate(indices, 1)]
     if not chosen:
@@ -194,8 +199,9 @@ def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs,
         figure_rows.append((heading, (as_picture(dataset[i][0]), f"{captions[i]}\n{truth}"), neighbours))
     space = f"L2 distance between {'L2-normalised ' if s.normalize_embeddings else ''}embeddings (0 = identical" + \
         (", 2 = opposite)" if s.normalize_embeddings else ")")
-    plots.similar_plot(figure_rows, path, "Each query (left of the line) beside its nearest lesions of the training "
-                       f"split, nearest first\nd: {space}; labels from the metadata (biopsy or follow-up)")
+    plots.similar_plot(figure_rows, path, f"{subject}: each query (left of the line) beside its nearest lesions of "
+                       f"the run's training split, nearest first\nd: {space}; labels from the metadata (biopsy or "
+                       "follow-up)")
 
 
 def neighbour_caption(refs, j: int, distance: float) -> str:

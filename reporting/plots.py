@@ -31,57 +31,82 @@ def save(fig, path, tight: bool = True) -> None:
     plt.close(fig)
 
 
-def _curves(history, columns: dict, ylabel: str, path, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+MARKERS_UP_TO = 30  # epochs: with more points, markers merge into a rope
+
+
+def below(ax, ncol: int = 1) -> None:
+    """The axes' legend under the axes, where it covers no data (tight_layout makes room for it)."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, fontsize=8, frameon=False)
+
+
+def best_line(ax, best: dict | None) -> None:
+    """best: {"epoch": e, "metric": name} of the epoch best.pt holds, drawn as a dotted vertical line."""
+    if best and best.get("epoch"):
+        chosen = "the last" if best["metric"] == "last" else f"val {best['metric']}"
+        ax.axvline(best["epoch"], color="0.35", ls=":", lw=1.2, label=f"best.pt: epoch {best['epoch']} ({chosen})")
+
+
+def _curves(history, columns: dict, ylabel: str, path, title: str, best: dict | None = None) -> None:
+    fig, ax = plt.subplots(figsize=(6.5, 4.4))
+    marker = "o" if len(history) <= MARKERS_UP_TO else None
     for column, label in columns.items():
         if column in history:
-            ax.plot(history["epoch"], history[column], marker="o", label=label)
+            ax.plot(history["epoch"], history[column], marker=marker, ms=4, label=label)
+    best_line(ax, best)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.grid(alpha=0.3)
-    ax.legend()
+    below(ax, ncol=2)
     save(fig, path)
 
 
-def history_plots(history, out_dir) -> None:
+def history_plots(history, out_dir, run: str = "", best: dict | None = None) -> None:
+    """loss.png, accuracy.png, auroc.png, pauc.png and pairs.png of one run (its folder's name: `run`); `best`:
+    {"epoch", "metric"} of best.pt, marked on each."""
+    named = f": run {run}" if run else ""
     losses = {"train_loss": "train (BCE + contrastive)", "train_bce": "train BCE",
               "train_contrastive": "train contrastive", "val_loss": "validation (BCE + contrastive)"}
     if "train_instance" in history and history["train_instance"].any():  # --w-instance
         losses.update(train_loss="train (BCE + contrastive + instance)", train_instance="train instance (NT-Xent)")
-    _curves(history, losses, "loss", out_dir / "loss.png", "Loss")
+    _curves(history, losses, "loss", out_dir / "loss.png", f"Loss, train and val splits{named}", best)
     _curves(history, {"train_accuracy": "train (balanced batches, threshold 0.5)",
-                      "val_accuracy": "validation (Youden threshold)"}, "accuracy", out_dir / "accuracy.png", "Accuracy")
-    _curves(history, {"val_auroc": "validation"}, "AUROC", out_dir / "auroc.png", "Validation AUROC")
+                      "val_accuracy": "validation (Youden threshold)"}, "accuracy", out_dir / "accuracy.png",
+            f"Accuracy, train and val splits{named}", best)
+    _curves(history, {"val_auroc": "validation"}, "AUROC", out_dir / "auroc.png", f"AUROC, val split{named}", best)
     _curves(history, {"val_pauc": "validation"}, "pAUC above 80% TPR (max 0.2)", out_dir / "pauc.png",
-            "Validation partial AUC")
-    pairs_plot(history, out_dir / "pairs.png")
+            f"Partial AUC, val split{named}", best)
+    pairs_plot(history, out_dir / "pairs.png", named)
 
 
-def pairs_plot(history, path) -> None:
+def pairs_plot(history, path, named: str = "") -> None:
     """What the contrastive term does, per epoch, over the training batches' pairs (losses.pair_stats).
 
     The loss averages only the active pairs (non-zero loss), separately for positives and negatives: it can stay flat
     while fewer pairs remain active; the fractions and distances show the change it hides."""
     if "train_pos_active" not in history:  # a history from before these were logged
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.9))
+    marker = "o" if len(history) <= MARKERS_UP_TO else None
     for ax, kind, ylabel in ((left, "active", "fraction of pairs with non-zero loss"),
                              (right, "distance", "mean distance (L2, normalised: 0 to 2)")):
-        ax.plot(history["epoch"], history[f"train_pos_{kind}"], marker="o", label="positive pairs (same label)")
-        ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker="o", label="negative pairs")
+        ax.plot(history["epoch"], history[f"train_pos_{kind}"], marker=marker, ms=4,
+                label="positive pairs (same label)")
+        ax.plot(history["epoch"], history[f"train_neg_{kind}"], marker=marker, ms=4, label="negative pairs")
         ax.set(xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower left" if kind == "active" else "best")  # positives often sit at 1.0, top right
-    left.set(title="Active pairs in training batches", ylim=(-0.02, 1.02))
-    right.set(title="Distances in training batches")
+        below(ax, ncol=2)
+    left.set(title="Active pairs, train split batches", ylim=(-0.02, 1.02))
+    right.set(title="Distances, train split batches")
+    if named:
+        fig.suptitle(f"Contrastive pairs{named}", fontsize=10)
     save(fig, path)
 
 
 def roc_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
     """subject: what was scored, in the title (e.g. "test split", or an ensemble's description)."""
     fpr, tpr, _ = roc_curve(y, p)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 6.2))
     ax.plot(fpr, tpr, label=f"AUROC {metrics['auroc']:.3f}, pAUC {metrics['pauc']:.3f}")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
     ax.axhspan(0.8, 1.0, color="tab:orange", alpha=0.1, label="TPR ≥ 0.8 (pAUC region)")
@@ -89,7 +114,7 @@ def roc_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
             label=f"threshold {threshold:.3f} (chosen on validation)")
     ax.set(xlabel="false positive rate", ylabel="true positive rate (sensitivity)", title=f"ROC: {subject}",
            xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize=8)
+    below(ax)
     save(fig, path)
 
 
@@ -142,19 +167,19 @@ def embeddings_plot(embeddings, y, path, subject: str, seed: int = 0, tsne: bool
 
 def pr_plot(y, p, threshold: float, metrics: dict, path, subject: str) -> None:
     precision, recall, _ = precision_recall_curve(y, p)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.step(recall, precision, where="post", label=f"average precision {average_precision_score(y, p):.3f}")
+    fig, ax = plt.subplots(figsize=(5, 6))
+    ax.plot(recall, precision, drawstyle="steps-post", label=f"average precision {average_precision_score(y, p):.3f}")
     ax.axhline(np.mean(y), color="k", ls="--", lw=0.8, label=f"chance (prevalence {np.mean(y):.3f})")
     ax.plot(metrics["sensitivity"], metrics["precision"], "ro", label=f"threshold {threshold:.3f} (chosen on validation)")
     ax.set(xlabel="recall (sensitivity)", ylabel="precision", title=f"Precision-recall: {subject}", xlim=(0, 1),
            ylim=(0, 1.01))
-    ax.legend(loc="upper right", fontsize=8)
+    below(ax)
     save(fig, path)
 
 
 def calibration_plot(y, probabilities: dict, path, subject: str, bins: int = 10) -> None:
     """Reliability diagram (observed malignant rate per probability bin) above a histogram of the probabilities."""
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6.5), height_ratios=[3, 1.2], sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7.4), height_ratios=[3, 1.2], sharex=True)
     top.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
     for label, p in probabilities.items():
         observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
@@ -162,8 +187,11 @@ def calibration_plot(y, probabilities: dict, path, subject: str, bins: int = 10)
         bottom.hist(p, bins=bins, range=(0, 1), histtype="step", lw=1.5, label=label)
     top.set(ylabel="observed malignant rate", title=f"Reliability diagram: {subject}", xlim=(0, 1),
             ylim=(0, 1.01))
-    top.legend(loc="upper left", fontsize=8)
-    bottom.set(xlabel="predicted probability of melanoma", ylabel="images", yscale="log")
+    bottom.set(xlabel="predicted probability of melanoma", ylabel="images")
+    bottom.set_yscale("symlog", linthresh=1)  # a log scale for the counts, where an empty bin still draws (at 0)
+    bottom.set_ylim(bottom=0)
+    handles, labels = top.get_legend_handles_labels()  # one legend for both: the histogram's lines share the colours
+    bottom.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.45), fontsize=8, frameon=False)
     save(fig, path)
 
 

@@ -84,7 +84,7 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
                               "threshold_chosen_on": "val with TTA (Youden's J)"}
     write_csv(out_dir / "predictions.csv", pd.DataFrame(columns))
     write_text(out_dir / "classification_report.txt", classification_report(y, p, threshold))
-    subject = figure_subject(extra)
+    subject = figure_subject(extra, "" if "ensemble" in extra else run_name(s))
     with timings.phase("evaluation.plots", note="roc, pr, calibration, confusion matrix"):
         if len(np.unique(y)) == 2:
             plots.roc_plot(y, p, threshold, metrics, out_dir / "roc.png", subject)
@@ -101,9 +101,14 @@ def write_labelled(scorings: dict, ids, out_dir, s, extra: dict, groups=None, pr
     return metrics
 
 
-def figure_subject(extra: dict) -> str:
-    """What the figures of a labelled set show, for their titles: "val split", "test split", another dataset's folder,
-    or an ensemble of runs (with the split when known)."""
+def run_name(s) -> str:
+    """The run a figure's model comes from, as its titles name it: its folder's name."""
+    return Path(s.out).name if s.out else ""
+
+
+def figure_subject(extra: dict, run: str = "") -> str:
+    """What the figures of a labelled set show, for their titles: "val split", "test split", another dataset's folder
+    (each followed by ", run NAME" when `run` is given), or an ensemble of runs (with the split when known)."""
     if "split" in extra:
         scored = f"{extra['split']} split"
     elif "dataset" in extra:
@@ -111,7 +116,7 @@ def figure_subject(extra: dict) -> str:
     else:
         scored = ""
     if "ensemble" not in extra:
-        return scored or "scored images"
+        return (scored or "scored images") + (f", run {run}" if run else "")
     runs = f"ensemble of {len(extra['ensemble']['runs'])} runs ({extra['ensemble']['how']})"
     return f"{runs}, {scored}" if scored else runs
 

@@ -24,7 +24,7 @@ from markupsafe import Markup
 from engine.config import PROFILES, Settings
 from reporting.reports import set_notes
 from utils import write_text
-from reporting.webreport_html import (CI, SHOWN_ROWS, Code, Grid, Num, Parts, Table, csv_table, figure, fmt,
+from reporting.webreport_html import (CI, Code, Grid, Link, Num, Parts, Table, csv_table, dig, figure, fmt,
                                       history_cell, is_number, leaves, number_groups, plural, read_csv, read_json,
                                       readable, same_as_default, timings)
 
@@ -44,10 +44,15 @@ THRESHOLD_ROWS = ("threshold", "sensitivity", "specificity", "precision", "f1", 
 CALIBRATION_ROWS = {"brier": "Brier (raw: 50% training prior)", "brier_prior_corrected": "Brier, prior-corrected",
                     "ece": "ECE (raw)", "ece_prior_corrected": "ECE, prior-corrected",
                     "train_prevalence": "training prevalence", "ece_bins": "ECE bins"}
-SECTIONS = {"run": "What was run", "curves": "Training curves", "summary": "Test summary", "predictions": "Predictions",
-            "skipped": "Skipped images", "plots": "ROC, precision-recall and calibration", "embeddings": "Embeddings",
-            "gallery": "Error gallery", "similar": "Similar lesions", "timings": "Timings", "other": "Other figures",
-            "numbers": "Other numbers in metrics.json"}  # in the template's order
+# In the template's order: how good it is first (results, then the curves), then the figures, then the details.
+SECTIONS = {"summary": "Test summary", "ensemble": "Ensemble members", "predictions": "Predictions",
+            "skipped": "Skipped images", "curves": "Training curves", "plots": "ROC, precision-recall and calibration",
+            "embeddings": "Embeddings", "gallery": "Error gallery", "similar": "Similar lesions",
+            "details": "Results in detail", "run": "What was run", "timings": "Timings", "other": "Other figures",
+            "numbers": "Other numbers in metrics.json"}
+RULES = {"mean": "the mean of the members' probabilities",
+         "rank": "the mean over the members of where each member's probability falls among its own validation "
+                 "probabilities (0: below all, 1: above all): a rank score, not a probability"}
 CSS = Path(__file__).with_name("webreport.css")  # inlined into each page
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -100,22 +105,26 @@ class Page:
         self.predictions = read_csv(folder / "predictions.csv") if not self.evaluated else []
         self.skipped = read_csv(folder / SKIPPED)
         self.shown = {name: set() for name in self.splits}
+        self.about = read_json(folder / "ensemble.json") or next(
+            (m["ensemble"] for m in self.metrics.values() if "ensemble" in m), {})  # an ensemble of runs: how
 
     def context(self) -> dict:
         """Everything the template shows, section by section; `sections` names those that have something to show."""
         predict = self.run != self.folder
         named = self.config.get("out") and not predict
         c = dict(name=Path(self.config["out"]).name if named else self.folder.resolve().name, predict=predict,
-                 css=Markup(CSS.read_text()), status=self.status(),
+                 kind="Ensemble" if self.about else "Predictions" if predict else "Run",
+                 css=Markup(CSS.read_text()), status=self.status(), ensemble=self.ensemble(),
                  run=self.what_was_run(), curves=self.curves(), summary=[self.card(s) for s in self.evaluated],
                  predictions=self.prediction_table(), skipped=self.skipped_table(),
-                 plots=self.figures_by_split(CURVE_FIGURES),
+                 plots=self.curve_figures(),
                  embeddings=self.figures_by_split({"embeddings.png": "embeddings"}, wide=True),
                  gallery=self.figures_by_split({"gallery.png": "gallery"}, wide=True), similar=self.similar(),
                  timings=timings(read_json(self.folder / TIMINGS)), other=self.other_figures(),
                  folder=str(self.folder.resolve()), written=time.strftime("%Y-%m-%d %H:%M:%S"))
+        c["details"] = c["summary"]  # the same cards: their headline numbers first, the rest after the figures
         c["numbers"] = self.other_numbers()  # last: it needs every table drawn
-        titles = {**SECTIONS, "summary": "Results"} if c["predict"] else SECTIONS
+        titles = {**SECTIONS, "summary": "Results"} if c["predict"] or self.about else SECTIONS
         c["sections"] = {key: title for key, title in titles.items() if c[key]}
         return c
 
@@ -136,12 +145,15 @@ class Page:
                                             "as the history plots are redrawn; val/test results appear when "
                                             "training ends.")
         model = f"the model of run {self.run.resolve().name}"
+        if self.about:
+            model = f"an ensemble of {len(self.about.get('runs', []))} runs ({self.about.get('how')})"
+        threshold = "the ensemble's threshold" if self.about else "the run's threshold"
         skipped = f"; {plural(len(self.skipped), 'unreadable file')} skipped" if self.skipped else ""
         if self.predictions:
             flagged = sum(r.get("predicted_malignant") == "1" for r in self.predictions)
-            text = (f"{plural(len(self.predictions), 'unlabelled image')} scored by {model}: {flagged} above the "
-                    f"run's threshold{skipped}.")
-        elif self.folder != self.run:
+            text = (f"{plural(len(self.predictions), 'unlabelled image')} scored by {model}: {flagged} above "
+                    f"{threshold}{skipped}.")
+        elif self.folder != self.run or self.about:
             n = self.metrics[self.evaluated[0]].get("n", "?") if self.evaluated else 0
             text = f"{n} labelled images evaluated by {model}{skipped}." if n else f"Nothing scored yet by {model}."
             text += "".join(f" {sentence(note)}" for note in self.set_notes())
@@ -207,7 +219,7 @@ class Page:
         figures = Grid([figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f != "pairs.png"],
                        [figure(self.run / f, HISTORY_FIGURES[f]) for f in drawn if f == "pairs.png"])  # two panels
         if not self.history:
-            return dict(table=None, figures=figures) if figures.figures or figures.wide else {}
+            return dict(table=None, note="", figures=figures) if figures.figures or figures.wide else {}
         metric = self.config.get("select_metric", "pauc")
         column = f"val_{'pauc' if metric == 'last' else metric}"
         best, score = len(self.history) - 1, -math.inf  # as train.TrainingState.record picks best.pt
@@ -217,10 +229,13 @@ class Page:
         columns = self.history_columns()
         rows = [[r["epoch"], *(history_cell(c, r.get(c)) for c in list(columns)[1:]),
                  "best" if i == best else ""] for i, r in enumerate(self.history)]
-        shown = rows[-SHOWN_ROWS:]
-        note = (f"The last {len(shown)} of {len(rows)} epochs; every epoch is in history.csv."
-                if len(shown) < len(rows) else "")
-        return dict(table=Table([*columns.values(), f"best.pt ({metric})"], shown, note=note), figures=figures)
+        best_row = self.history[best]
+        chosen = "the last one, --select-metric last" if metric == "last" else f"by val {metric}"
+        note = (f"best.pt holds epoch {best_row['epoch']} ({chosen}): val AUROC "
+                f"{history_cell('val_auroc', best_row.get('val_auroc'))}, val pAUC "
+                f"{history_cell('val_pauc', best_row.get('val_pauc'))}.")
+        return dict(table=Table([*columns.values(), f"best.pt ({metric})"], rows), note=note, figures=figures,
+                    epochs=len(rows))
 
     def history_columns(self) -> dict:
         """HISTORY_COLUMNS; with the instance term, its share of the training loss, and the validation loss saying
@@ -233,6 +248,38 @@ class Page:
             if key == "train_loss":
                 columns["train_instance"] = "train instance term"
         return columns
+
+    # ---------------------------------------------------------------- an ensemble of runs
+
+    def ensemble(self) -> dict:
+        """An ensemble's members (linked to their reports, with their numbers), its rule, threshold and gain."""
+        if not self.about:
+            return {}
+        split = next((s for s in self.evaluated if "ensemble" in self.metrics[s]), None)
+        value = (lambda *path: self.num(split, "ensemble", *path)) if split else (lambda *path: fmt(dig(self.about,
+                                                                                                         path)))
+        rows = [[str(k), Code(Path(r.get("run", "?")).name), self.member_link(r), value("members", k - 1, "val_auroc"),
+                 value("members", k - 1, "val_pauc"), value("members", k - 1, "threshold"),
+                 *([value("members", k - 1, "auroc"), value("members", k - 1, "pauc")] if split else [])]
+                for k, r in enumerate(self.about.get("members", []), 1)]
+        header = ["", "run", "report", "val AUROC", "val pAUC", "threshold (chosen on its val)",
+                  *(["AUROC here", "pAUC here"] if split else [])]
+        if split:
+            rows.append(["", "ensemble", "this page", "", "", value("threshold"), self.num(split, "auroc"),
+                         self.num(split, "pauc")])
+        gain = self.about.get("gain_over_best_member")
+        return dict(members=Table(header, rows, numeric_from=3), rule=RULES.get(self.about.get("how"), "?"),
+                    view="test-time-augmented (TTA)" if self.about.get("view") == "tta" else "plain",
+                    threshold=value("threshold"), how=self.about.get("how"), runs=self.about.get("runs", []),
+                    gain=Parts(["AUROC ", value("gain_over_best_member", "auroc"), ", pAUC ",
+                                value("gain_over_best_member", "pauc")]) if gain else None,
+                    seen=value("left_out_seen_in_training") if "left_out_seen_in_training" in self.about else "")
+
+    def member_link(self, record: dict) -> Link | str:
+        folder = record.get("folder")
+        if folder and (self.folder / folder / REPORT).is_file():
+            return Link(Path(folder, REPORT).as_posix(), f"{folder}/{REPORT}")
+        return "no report"
 
     # ---------------------------------------------------------------- results
 
@@ -326,21 +373,32 @@ class Page:
 
     # ---------------------------------------------------------------- figures
 
-    def figures_by_split(self, names: dict, wide: bool = False) -> list[Grid]:
-        """Each figure for every split, side by side (wide figures one under the other)."""
+    def figures_by_split(self, names: dict, wide: bool = False, shown: int = 1) -> list[Grid]:
+        """Each figure for every split, side by side; wide figures one under the other, those after the first
+        `shown` folded (a click opens them), so that a page with val and test stays a few screens long."""
         grids = []
         for file, caption in names.items():
             found = [figure(d / file, f"{split}: {caption}") for split, d in self.splits.items()
                      if (d / file).is_file()]
             if found:
-                grids.append(Grid(wide=found) if wide else Grid(found))
+                grids.append(Grid(wide=found[:shown], folded=found[shown:]) if wide else Grid(found))
         return grids
 
+    def curve_figures(self) -> list[Grid]:
+        """ROC, precision-recall and calibration of each split in a row (test first), then the confusion matrices."""
+        rows = [Grid([figure(d / f, f"{split}: {CURVE_FIGURES[f]}") for f in CURVE_FIGURES if (d / f).is_file()
+                      and f != "confusion_matrix.png"], kind="trio") for split, d in self.splits.items()]
+        rows += [Grid(g.figures, kind="trio") for g in
+                 self.figures_by_split({"confusion_matrix.png": CURVE_FIGURES["confusion_matrix.png"]})]
+        return [g for g in rows if g.figures]
+
     def similar(self) -> dict:
+        """similar.png and neighbours.csv of each split: folded beside a labelled set's results (each similar.png is
+        several screens tall), shown for new images, where they are the result."""
         tables = [csv_table(rows, f"{split}: neighbours.csv") for split, d in self.splits.items()
                   if (rows := read_csv(d / "neighbours.csv"))]
-        grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True)
-        return dict(figures=grids, tables=tables) if grids or tables else {}
+        grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True, shown=0 if self.evaluated else 1)
+        return dict(figures=grids, tables=tables, folded=bool(self.evaluated)) if grids or tables else {}
 
     def other_figures(self) -> Grid | None:
         """Figures this page does not know yet: shown rather than silently left out."""

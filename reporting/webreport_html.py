@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SHOWN_ROWS = 20  # of the history and of CSV tables; the files hold all
+SHOWN_ROWS = 20  # of CSV tables; the files hold all
 # Keys as a reader says them; any other key: underscores become spaces, "_at_5" becomes "@5", and WORDS are spelled.
 READABLE = {"r_precision": "R-precision", "mean_average_precision_at_r": "MAP@R", "per_class": "per class",
             "mean_of_classes": "mean of the classes", "all_queries": "all queries", "isic_id": "image"}
@@ -44,6 +44,14 @@ class Code:
 
 
 @dataclass
+class Link:
+    """A link to another file of the folder (a relative path), e.g. an ensemble member's report."""
+    href: str
+    text: str
+    kind: str = "link"
+
+
+@dataclass
 class Parts:
     """Several cells written one after the other (e.g. text around a number)."""
     parts: list
@@ -67,9 +75,12 @@ class Figure:
 
 @dataclass
 class Grid:
-    """Figures side by side (they stack in a narrow window); wide ones each take the page's width."""
+    """Figures side by side (they stack in a narrow window); wide ones each take the page's width; folded ones too,
+    each behind its caption in a <details> element. kind "trio": three side by side in a wide window."""
     figures: list = field(default_factory=list)
     wide: list = field(default_factory=list)
+    folded: list = field(default_factory=list)
+    kind: str = "grid"
 
 
 # ---------------------------------------------------------------- how numbers and names are written
@@ -154,24 +165,45 @@ def csv_table(rows: list[dict], what: str, numeric_from: int = 1) -> Table:
                  numeric_from, note=f"{what}: {shown}.")
 
 
+def per_epoch(name: str) -> str:
+    """A phase's name with its epoch number as N: training.epoch17 → training.epochN (one row for all epochs)."""
+    return re.sub(r"epoch\d+", "epochN", name)
+
+
+def phase_note(first: dict, times: int) -> str:
+    note = str(first.get("note", ""))
+    return note if times == 1 else f"{times} times; the first: {note}" if note else f"{times} times"
+
+
 def timings(t: dict) -> dict:
-    """timings.json: each phase ("group.step") and each group's total, as the program measured them ({}: none)."""
+    """timings.json summarised: each group's total ("group" is a phase's name before its first dot) and each phase,
+    the phases of every epoch as one row (count, total, mean), so a long run's page stays short ({}: none)."""
     phases = t.get("phases") or []
     if not phases:
         return {}
-    groups = {}
+    groups, steps = {}, {}
     for p in phases:
-        group = str(p.get("name", "")).split(".")[0]
-        groups[group] = groups.get(group, 0.0) + float(p.get("seconds", 0.0))
-    rows = [[Code(str(p.get("name", ""))), str(p.get("note", "")), f"{float(p.get('seconds', 0.0)):.1f}"]
-            for p in phases]
+        name, seconds = str(p.get("name", "")), float(p.get("seconds", 0.0))
+        group, step = groups.setdefault(name.split(".")[0], [0, 0.0]), steps.setdefault(per_epoch(name), [0, 0.0, p])
+        group[0], group[1], step[0], step[1] = group[0] + 1, group[1] + seconds, step[0] + 1, step[1] + seconds
+    rows = [[Code(name), phase_note(p, n), str(n), f"{s:.1f}", f"{s / n:.1f}"] for name, (n, s, p) in steps.items()]
     total = t.get("total_seconds")
-    return dict(phases=Table(["phase", "note", "seconds"], rows, numeric_from=2),
-                groups=Table(["group", "seconds"], [[g, f"{s:.1f}"] for g, s in groups.items()]),
+    return dict(phases=Table(["phase", "note", "times", "seconds", "mean"], rows, numeric_from=2),
+                groups=Table(["group", "phases", "seconds"], [[g, str(n), f"{s:.1f}"] for g, (n, s) in groups.items()]),
                 total=f"{total:.1f} s ({total / 60:.1f} min)" if is_number(total) else "")
 
 
 # ---------------------------------------------------------------- walking metrics.json
+
+def dig(value, path):
+    """value[path[0]][path[1]]...; "–" where the path leads nowhere."""
+    for key in path:
+        try:
+            value = value[key]
+        except (KeyError, IndexError, TypeError):
+            return "–"
+    return value
+
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -5,8 +5,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchvision
 
 from engine.config import Settings
+from modules import build_model
 from reporting import explain, plots
 from reporting.reports import Scoring, figure_subject, write_labelled
 from scoring.inference import Predictions
@@ -129,7 +131,7 @@ def test_similar_png_for_new_images(figures, monkeypatch, tmp_path):
     assert frames["1. T1"] != frames["2. T0"]  # malignant and benign neighbours framed apart
 
 
-def test_gallery_has_a_colour_bar_a_plain_title_and_says_the_maps_are_coarse(figures, tmp_path):
+def test_gallery_has_a_colour_bar_a_plain_title_and_says_which_map(figures, tmp_path):
     image, cam = np.zeros((64, 64, 3)), np.zeros((64, 64))
     rows = {"malignant, called malignant (true positives)": [(image, cam, "ISIC_1\nP(melanoma) 0.900")],
             "benign, called malignant (false positives)": []}
@@ -137,6 +139,108 @@ def test_gallery_has_a_colour_bar_a_plain_title_and_says_the_maps_are_coarse(fig
     fig = figures["gallery.png"]
     colour_bars = [ax for ax in fig.axes if ax.get_xlabel().startswith("how much the region raised")]
     assert len(colour_bars) == 1
-    caption = next(t for t in texts(fig) if t.startswith("The heat maps are coarse"))
-    assert "4 x 4 cells" in caption and "64 px" in caption
+    caption = next(t for t in texts(fig) if t.startswith("Grad-CAM at trunk."))
+    assert "trunk.layer2" in caption and "8 x 8 cells" in caption and "64 px" in caption
     assert "benign, called malignant (false positives): none" in texts(fig)
+
+
+@pytest.mark.parametrize("size, layer, cells", [(32, "layer1", 8), (64, "layer2", 8), (128, "layer3", 8),
+                                                (224, "layer4", 7), (256, "layer4", 8)])
+def test_grad_cam_uses_the_deepest_map_of_at_least_7_by_7(size, layer, cells):
+    """The CPU profile's 64 px gets layer2's 8 x 8 map, not layer3's 4 x 4; a real ResNet18's map has that shape."""
+    assert explain.cam_layer(size) == (layer, size // cells)
+    trunk = torchvision.models.resnet18().eval()
+    seen = {}
+    getattr(trunk, layer).register_forward_hook(lambda module, inputs, output: seen.update(shape=output.shape))
+    trunk(torch.zeros(1, 3, size, size))
+    assert seen["shape"][-2:] == (cells, cells)
+
+
+def test_grad_cam_maps_of_a_64px_image_have_7_by_7_cells_or_more(monkeypatch):
+    """grad_cam on a real (untrained) ResNet18 at 64 px: the map it weighs and draws has 8 x 8 cells, 8 px apart."""
+    drawn, upsample = {}, explain.upsample_aligned
+    monkeypatch.setattr(explain, "upsample_aligned", lambda cam, size, stride: drawn.update(
+        cells=tuple(cam.shape[-2:]), stride=stride) or upsample(cam, size, stride))
+    model = build_model(Settings(backbone="resnet18", img_size=64)).eval()
+    cam = explain.grad_cam(model, torch.rand(2, 3, 64, 64))
+    assert cam.shape == (2, 64, 64) and drawn == {"cells": (8, 8), "stride": 8}
+
+
+def history(epochs: int) -> pd.DataFrame:
+    e = np.arange(1, epochs + 1)
+    return pd.DataFrame({"epoch": e, "train_loss": 1 / e, "train_bce": 0.5 / e, "train_contrastive": 0.5 / e,
+                         "train_accuracy": 1 - 0.5 / e, "val_accuracy": 1 - 0.6 / e, "val_loss": 1.1 / e,
+                         "val_auroc": 1 - 0.4 / e, "val_pauc": 0.2 - 0.1 / e, "train_pos_active": 0.5 / e,
+                         "train_neg_active": 0.4 / e, "train_pos_distance": 0.5 / e, "train_neg_distance": 1 + 0 * e})
+
+
+def legend_covers_data(ax) -> bool:
+    """Whether the axes' legend lies over its plotting area (where the data is drawn)."""
+    legend = ax.get_legend()
+    ax.figure.canvas.draw()
+    return legend is not None and legend.get_window_extent().overlaps(ax.get_window_extent())
+
+
+@pytest.mark.parametrize("epochs", [15, 300])
+def test_history_plots_read_at_15_and_300_epochs(figures, tmp_path, epochs):
+    """Markers only with few points, the legend under the axes, best.pt's epoch marked, split and run in the title."""
+    plots.history_plots(history(epochs), tmp_path, "demo", {"epoch": 7, "metric": "pauc"})
+    splits = {"loss.png": "train and val splits", "accuracy.png": "train and val splits", "auroc.png": "val split",
+              "pauc.png": "val split"}
+    for name, split in splits.items():
+        ax = figures[name].axes[0]
+        assert split in ax.get_title() and "run demo" in ax.get_title(), ax.get_title()
+        curves = [line for line in ax.lines if line.get_label().startswith(("train", "validation"))]
+        assert curves and {line.get_marker() for line in curves} == ({"o"} if epochs <= 30 else {"None"})
+        best = [line for line in ax.lines if line.get_label() == "best.pt: epoch 7 (val pauc)"]
+        assert len(best) == 1 and list(best[0].get_xdata()) == [7, 7]
+        assert not legend_covers_data(ax), name
+    assert "run demo" in figures["pairs.png"].get_suptitle() and "train split" in figures["pairs.png"].axes[0].get_title()
+
+
+def test_roc_pr_calibration_legends_outside_and_run_named(figures, monkeypatch, tmp_path):
+    """Legends under the axes; every title names the split and the run; the histogram's empty bins stay on the axes
+    (a log scale drops a zero count far below them and the line looks broken)."""
+    scoring = labelled_scoring()
+    scoring.pred.probabilities[:] = np.where(scoring.pred.targets == 1, 0.95, 0.05)  # bins 2 to 8 empty
+    scoring.pred.embeddings = np.zeros((40, 0), np.float32)
+    write_labelled({"plain": scoring}, [f"ISIC_{i}" for i in range(40)], tmp_path,
+                   Settings(out=str(tmp_path / "demo")), {"split": "val"}, resamples=10)
+    for name in ("roc.png", "pr.png", "calibration.png", "confusion_matrix.png"):
+        assert "val split, run demo" in figures[name].axes[0].get_title(), name
+    for name in ("roc.png", "pr.png", "calibration.png"):
+        assert not any(legend_covers_data(ax) for ax in figures[name].axes), name
+    histogram = figures["calibration.png"].axes[1]
+    bottom = histogram.get_window_extent().y0
+    for patch in histogram.patches:
+        drawn = patch.get_transform().transform(patch.get_path().vertices)
+        assert np.isfinite(drawn).all() and drawn[:, 1].min() >= bottom - 1
+
+
+def test_similar_cases_at_random_never_repeat_a_case_shown_above():
+    y = np.array([0] * 5 + [1] * 5)
+    confident = {"malignant, called malignant (true positives)": [9, 8],
+                 "benign, called malignant (false positives)": [1, 2], "malignant, called benign (false negatives)": [5]}
+    for seed in range(5):
+        cases = explain.similar_cases(confident, y, seed)
+        above = {i for found in list(cases.values())[:3] for i in found}
+        assert set(cases["benign, at random"]) == {0, 3, 4}
+        assert set(cases["malignant, at random"]) <= {6, 7} and not above & set(cases["malignant, at random"])
+
+
+def test_gallery_and_similar_name_their_split_in_the_picture(figures, monkeypatch, tmp_path):
+    model = build_model(Settings(backbone="resnet18", img_size=32)).eval()
+    dataset = Images()
+    dataset.metadata = np.zeros((4, 0), np.float32)
+    pred = Predictions(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.1, 0.2]), np.zeros(4, np.float32),
+                       np.zeros((4, 2), np.float32), 0.5)
+    explain.write_gallery(model, dataset, ["a", "b", "c", "d"], pred, 0.5, tmp_path / "gallery.png", "cpu",
+                          subject="test split, run demo")
+    assert figures["gallery.png"].get_suptitle().startswith("test split, run demo: ")
+    refs = References(np.array(["T0", "T1"], dtype=object), np.array([0, 1]), np.array(["", ""], object), {}, "",
+                      "float32")
+    monkeypatch.setattr(explain, "training_images", lambda s, ids: {i: np.zeros((8, 8, 3)) for i in ids})
+    explain.write_similar(Images(), ["q0", "q1"], np.array([1, 0]), {"malignant, called malignant": [0, 1]},
+                          np.array([[0.1, 0.2], [0.1, 0.3]]), np.array([[0, 1], [1, 0]]), refs, Settings(),
+                          tmp_path / "similar.png", "val split, run demo")
+    assert figures["similar.png"].get_suptitle().startswith("val split, run demo: ")

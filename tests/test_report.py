@@ -18,13 +18,14 @@ import train
 from conftest import cli
 from reporting.webreport_html import is_number, leaves
 
-SECTIONS = ["What was run", "Training curves", "Test summary", "ROC, precision-recall and calibration", "Embeddings",
-            "Error gallery"]
+SECTIONS = ["Test summary", "Training curves", "ROC, precision-recall and calibration", "Embeddings", "Error gallery"]
+DETAILS = ["Results in detail", "What was run"]
 SPLIT_FIGURES = ["roc.png", "pr.png", "calibration.png", "confusion_matrix.png", "embeddings.png", "gallery.png"]
 HISTORY = "epoch,train_loss,val_loss,val_auroc,val_pauc,val_accuracy,lr,seconds\n"
-# Shown in the test summary's tables, never only in the catch-all list at the end.
+# Shown in the test summary's tables (the headline) or in the results in detail, never only in the catch-all list.
 SUMMARY_KEYS = {"auroc", "pauc", "auroc_ci95", "pauc_ci95", "scorers", "threshold", "sensitivity", "specificity",
-                "confusion_matrix", "calibration", "n", "n_positive", "bootstrap", "retrieval"}
+                "n", "n_positive", "bootstrap"}
+DETAIL_KEYS = {"confusion_matrix", "calibration", "retrieval"}
 
 
 class Page(HTMLParser):
@@ -99,6 +100,8 @@ def check_numbers(folder, splits=("test", "val")) -> Page:
             assert text == formatted(lookup(metrics, path)), f"{split}: {path} shows {text}, metrics.json {value}"
             if path[path[0] == "tta"] in SUMMARY_KEYS:
                 assert section == "summary", f"{split}: {path} only in section {section}"
+            if path[path[0] == "tta"] in DETAIL_KEYS:
+                assert section == "details", f"{split}: {path} only in section {section}"
     return page
 
 
@@ -152,7 +155,7 @@ def test_every_number_shown_equals_metrics_json(tmp_path):
     run = fake_run(tmp_path / "run")
     webreport.write_report(run)
     page = check_numbers(run)
-    assert page.headings == [*SECTIONS, "Other numbers in metrics.json"]
+    assert page.headings == [*SECTIONS, *DETAILS, "Other numbers in metrics.json"]
     other = {(split, path) for split, path, _, section in page.numbers if section == "numbers"}
     assert other == {("test", ("new_metric", "value")), ("val", ("new_metric", "value"))}
     text = "".join(page.text)
@@ -174,7 +177,7 @@ def test_figures_are_embedded_and_missing_ones_skipped(tmp_path):
     assert sorted(base64.b64decode(src.split(",", 1)[1]) for src in page.images) == sorted(f.read_bytes()
                                                                                            for f in files)
     assert "http://" not in html and "https://" not in html and "<script" not in html and "<link" not in html
-    assert page.headings == [*SECTIONS, "Similar lesions", "Other figures", "Other numbers in metrics.json"]
+    assert page.headings == [*SECTIONS, "Similar lesions", *DETAILS, "Other figures", "Other numbers in metrics.json"]
     assert "@media print" in html and "max-width:100%" in html
 
 
@@ -183,7 +186,7 @@ def test_report_of_a_run_still_training(tmp_path):
     webreport.write_report(run, training=True)
     page = read_page(run)
     text = " ".join(page.text)
-    assert page.headings == SECTIONS[:2] and page.numbers == []  # no empty sections for what comes later
+    assert page.headings == ["Training curves", "What was run"] and page.numbers == []  # nothing empty
     assert "Still training: 1 of 6 epochs done" in text and "val/test results appear when training ends" in text
     assert len(page.images) == 4  # the history plots
 
@@ -226,7 +229,7 @@ def test_fields_cannot_break_the_page(tmp_path):
     assert html.count("<table") == html.count("</table>") == page.tags.count("table")
     text = "".join(page.text)
     assert text.count(evil) == 3 and '"><b>bold</b>' in text  # shown as the text it is
-    assert page.headings == [*SECTIONS, "Similar lesions", "Other numbers in metrics.json"]
+    assert page.headings == [*SECTIONS, "Similar lesions", *DETAILS, "Other numbers in metrics.json"]
 
 
 def test_sections_and_navigation_agree(tmp_path):
@@ -234,7 +237,7 @@ def test_sections_and_navigation_agree(tmp_path):
     webreport.write_report(run)
     page = read_page(run)
     assert page.links == [f"#{key}" for key in page.sections]
-    assert page.sections == ["run", "curves", "summary", "plots", "embeddings", "gallery", "numbers"]
+    assert page.sections == ["summary", "curves", "plots", "embeddings", "gallery", "details", "run", "numbers"]
 
 
 def fake_predictions(tmp_path, skipped: bool = True):
@@ -259,7 +262,7 @@ def test_report_of_unlabelled_images(tmp_path):
     """predict.py --images: predictions and skipped files in their own sections, nothing empty, no test summary."""
     page = read_page(fake_predictions(tmp_path))
     text = " ".join(page.text)
-    assert page.headings == ["What was run", "Training curves", "Predictions", "Skipped images", "Similar lesions"]
+    assert page.headings == ["Predictions", "Skipped images", "Training curves", "Similar lesions", "What was run"]
     assert "3 unlabelled images scored by the model of run run: 1 above the run's threshold; 2 unreadable files " \
            "skipped." in text
     assert "not evaluated" not in text and "Not drawn" not in text and "Test summary" not in text
@@ -286,8 +289,8 @@ def test_report_of_another_labelled_dataset(tmp_path):
     webreport.write_report(out, run=run)
     page = read_page(out)
     text = " ".join(page.text)
-    assert page.headings == ["What was run", "Training curves", "Results", "ROC, precision-recall and calibration",
-                             "Other numbers in metrics.json"]
+    assert page.headings == ["Results", "Training curves", "ROC, precision-recall and calibration",
+                             "Results in detail", "What was run", "Other numbers in metrics.json"]
     assert "18 labelled images evaluated by the model of run run." in text and "epochs trained" not in text
     assert "/data/other.csv" in section_text(page, "run")
 
@@ -337,21 +340,21 @@ def test_timings_by_phase_and_group(tmp_path):
     assert page.headings[-2:] == ["Timings", "Other numbers in metrics.json"]
     cells = section_text(page, "timings")
     assert "Total: 312.0 s (5.2 min)." in cells and "<b>6 epochs</b>" in cells
-    groups = cells[cells.index("By group (the part of a phase's name before the first dot):") + 3:]
-    assert groups[:6] == ["data", "12.6", "training", "250.0", "evaluation", "40.0"]
-    assert ["data.cache", "740 images, 61 images/s", "12.3"] == cells[cells.index("data.cache"):][:3]
+    groups = cells[cells.index("By group (the part of a phase's name before the first dot):") + 4:]
+    assert groups[:9] == ["data", "2", "12.6", "training", "1", "250.0", "evaluation", "1", "40.0"]
+    assert ["data.cache", "740 images, 61 images/s", "1", "12.3", "12.3"] == cells[cells.index("data.cache"):][:5]
 
 
-def test_every_retrieval_number_is_in_the_summary(tmp_path):
-    """New retrieval keys appear in the summary with readable names, whatever they are."""
+def test_every_retrieval_number_is_in_the_results_in_detail(tmp_path):
+    """New retrieval keys appear in the results in detail with readable names, whatever they are."""
     run = fake_run(tmp_path / "run")
     metrics = json.loads((run / "test" / "metrics.json").read_text())
     metrics["retrieval"].update({"visual_agreement@5": 0.6125, "hub_share@5": 0.25, "hub_max@5": 7,
                                  "per_patient": {"same_patient_at_5": 0.125}})
     (run / "test" / "metrics.json").write_text(json.dumps(metrics))
     webreport.write_report(run)
-    page = check_numbers(run)  # every number shown, these ones in the summary (SUMMARY_KEYS holds "retrieval")
-    cells = section_text(page, "summary")
+    page = check_numbers(run)  # every number shown, these ones in the details (DETAIL_KEYS holds "retrieval")
+    cells = section_text(page, "details")
     assert {"visual agreement@5", "hub share@5", "hub max@5", "same patient@5", "precision@1", "R-precision",
             "per class malignant"} <= set(cells)
     assert cells[cells.index("visual agreement@5") + 1] == "0.6125"

@@ -19,6 +19,7 @@ different embedding spaces.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,13 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     out_dir = Path(out_dir)
     frames = read_members(members, view)
     scores = np.stack([f[COLUMN[view]].to_numpy(dtype=float) for f in frames])
-    thresholds = np.array([float(val_metrics(m, view)["threshold"]) for m in members])
+    vals = [val_metrics(m, view) for m in members]
+    thresholds = np.array([float(v["threshold"]) for v in vals])
     references = [validation_scores(m, view) for m in members] if how == "rank" else None
     score, threshold = combine(scores, thresholds, how, references)
     name = "probability" if how == "mean" else "rank_score"
-    about = {"how": how, "view": view, "score": name, "threshold": threshold, "runs": [str(m.run_dir) for m in members]}
+    about = {"how": how, "view": view, "score": name, "threshold": threshold, "runs": [str(m.run_dir) for m in members],
+             "members": member_records(members, vals, out_dir)}
     columns = member_columns(members, scores, view)
     table = pd.DataFrame({"isic_id": frames[0]["isic_id"], name: score,
                           "predicted_malignant": (score >= threshold).astype(int), **columns})
@@ -135,17 +138,29 @@ def write_ensemble(members: list[Member], out_dir, how: str, s, view: str = "pla
     if seen.any():  # scored by every member, but some member trained or validated on them: listed, not counted
         write_csv(out_dir / SEEN_FILE, table.assign(target=frames[0]["target"], seen_by=seen_by(frames))[seen])
     y, kept = frames[0]["target"].to_numpy().astype(int)[~seen], table[~seen]
-    about |= {"members": [{"run": str(m.run_dir), "auroc": auroc(y, p[~seen]), "pauc": partial_auc(y, p[~seen]),
-                           "threshold": t} for m, p, t in zip(members, scores, thresholds)],
+    for record, p in zip(about["members"], scores):  # each member on the images the ensemble is measured on
+        record |= {"auroc": auroc(y, p[~seen]), "pauc": partial_auc(y, p[~seen])}
+    about |= {"gain_over_best_member": {key: metric(y, score[~seen]) - max(r[key] for r in about["members"])
+                                        for key, metric in (("auroc", auroc), ("pauc", partial_auc))},
               "left_out_seen_in_training": int(seen.sum())}
     extra = {"ensemble": about, "threshold_chosen_on": "mean of the members' val thresholds" if how == "mean" else
              "mean of the members' val thresholds, each placed among its val probabilities"}
+    scored = members[0].scored / "metrics.json"  # what the members scored: a split of their runs, or a dataset
+    extra |= {k: v for k, v in (json.loads(scored.read_text()) if scored.is_file() else {}).items()
+              if k in ("split", "dataset")}
     groups = None if groups_by_id is None else kept["isic_id"].map(groups_by_id).to_numpy()
     metrics = write_labelled({"plain": ensemble_scoring(y, score[~seen], threshold, how)}, kept["isic_id"].to_numpy(),
                              out_dir, s, extra, groups, prevalence, resamples)
     written = pd.read_csv(out_dir / "predictions.csv", dtype={"isic_id": str})
     write_csv(out_dir / "predictions.csv", written.assign(**{c: kept[c].to_numpy() for c in columns}))
     return metrics
+
+
+def member_records(members: list[Member], vals: list[dict], out_dir: Path) -> list[dict]:
+    """Each member's run, the folder its scores and report are in (relative to the ensemble's), its threshold and
+    its AUROC and pAUC on its own validation split (where the threshold was chosen)."""
+    return [{"run": str(m.run_dir), "folder": os.path.relpath(m.scored, out_dir), "threshold": float(v["threshold"]),
+             "val_auroc": v.get("auroc"), "val_pauc": v.get("pauc")} for m, v in zip(members, vals)]
 
 
 def write_new_images(out_dir: Path, table: pd.DataFrame, frames: list[pd.DataFrame], about: dict,

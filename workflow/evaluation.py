@@ -18,7 +18,7 @@ from isic.metadata import IMAGE_EXTENSIONS, find_layout, join_columns, load_meta
 from isic.splits import SEEN, seen_meaning, seen_note, split_of
 from isic.tabular import run_features
 from reporting.explain import SIMILAR, gallery_cases, image_cases, similar_cases, write_gallery, write_similar
-from reporting.reports import BOOTSTRAP, Scoring, prior_probability, write_labelled
+from reporting.reports import BOOTSTRAP, Scoring, figure_subject, prior_probability, run_name, write_labelled
 from reporting.tensorboard_log import FOLDER as TENSORBOARD, add_projector
 from reporting.webreport import SKIPPED
 from scoring.inference import Predictions, score
@@ -112,9 +112,10 @@ def chosen_on_val(val: dict, view: str) -> dict:
     return chosen
 
 
-def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, dataset, captions, labels=None) -> None:
+def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, dataset, captions, labels=None,
+                    subject: str = "scored images") -> None:
     """neighbours.csv: the --neighbours nearest training lesions of every image (plain embeddings);
-    similar.png: the `cases` beside their SIMILAR nearest ones."""
+    similar.png: the `cases` of `subject` (its title) beside their SIMILAR nearest ones."""
     train, query = embedding_space(refs.embeddings["plain"], s), embedding_space(embeddings, s)
     distances, rows = nearest(train, query, max(s.neighbours, SIMILAR))
     k = min(s.neighbours, distances.shape[1])
@@ -125,7 +126,7 @@ def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, 
     table["distance"] = distances[:, :k].ravel()
     write_csv(Path(out_dir) / "neighbours.csv", table)
     write_similar(dataset, captions, labels, cases, distances[:, :SIMILAR], rows[:, :SIMILAR], refs, s,
-                  Path(out_dir) / "similar.png")
+                  Path(out_dir) / "similar.png", subject)
 
 
 def read_val_metrics(run: LoadedRun) -> dict:
@@ -167,14 +168,14 @@ def write_labelled_set(run: LoadedRun, images: ImageSet, scorings: dict, refs: R
     """gallery.png, neighbours.csv, similar.png, then write_labelled's files (metrics.json last)."""
     out_dir, plain = Path(out_dir), scorings["plain"]
     y, p = plain.pred.targets, plain.pred.probabilities
-    cases = gallery_cases(y, p, plain.threshold)
+    cases, subject = gallery_cases(y, p, plain.threshold), figure_subject(extra, run_name(run.s))
     with timings.phase("evaluation.gallery", note="Grad-CAM"):
         write_gallery(run.model, images.dataset, images.ids, plain.pred, plain.threshold, out_dir / "gallery.png",
-                      run.device, cases)
+                      run.device, cases, subject=subject)
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(images.ids, p)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
         write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, similar_cases(cases, y, run.s.seed),
-                        images.dataset, captions, y)
+                        images.dataset, captions, y, subject)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, images.ids, out_dir, run.s, extra, images.patients, prevalence, run.resamples)
 
@@ -236,7 +237,8 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: b
     plain = scorings["plain"]
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
-        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions)
+        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions,
+                        subject=f"new images in {folder.name}, run {run_name(run.s)}")
     if projector:
         add_projector(Path(out_dir) / TENSORBOARD, "images", plain.pred, run.s, dataset, ids)
     prevalence = float(refs.targets.mean())  # the training split's, as for a labelled set
