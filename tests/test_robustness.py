@@ -190,10 +190,10 @@ def test_other_errors_in_an_atomic_write_pass_through(tmp_path):
 FILLS_UP = r"""
 import resource, signal, sys
 import torch, driver
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
 real_save = torch.save
-def save(obj, f, *args, **kwargs):
+def save(obj, f, *args, **kwargs):  # called in the checkpoint writer's thread: setrlimit holds for the whole process
     if isinstance(obj, dict) and obj.get("epoch") == 2:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, resource.RLIM_INFINITY))
     return real_save(obj, f, *args, **kwargs)
 torch.save = save

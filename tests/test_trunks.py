@@ -53,9 +53,10 @@ def runs(data, tmp_path_factory):
             return made[backbone]
         whole, resumed = root / f"{backbone}-whole", root / f"{backbone}-resumed"
 
-        def keep_first_epoch(state, row, s, out_dir, plotted):
-            plotted = real_end(state, row, s, out_dir, plotted)
+        def keep_first_epoch(state, row, s, out_dir, plotted, writer):
+            plotted = real_end(state, row, s, out_dir, plotted, writer)
             if row["epoch"] == 1:
+                writer.wait()  # epoch 1's checkpoints are on disk, as a run killed now would leave them
                 shutil.copytree(out_dir, resumed)
             return plotted
         train.end_of_epoch = keep_first_epoch
