@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_avail
                                  reason="this PyTorch build has no torch.distributed with the gloo backend"),
               pytest.mark.slow]  # every test here trains
 
-TINY = tiny(2)
+TINY = [*tiny(2), "--tta"]  # the flags of conftest.finished_run
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # = torchrun
 
 
@@ -33,12 +33,10 @@ def launch(command, data, out, cache):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    data = make_dataset(root / "data", n_images=120, malignant_rate=0.2, size=40, seed=1)
-    launch([sys.executable], data, root / "one", root / "cache")
-    two = launch(TORCHRUN, data, root / "two", root / "cache")
-    return root / "one", root / "two", two
+def runs(tiny_data, finished_run, tmp_path_factory):
+    """The session's run (one process) and the same command under torchrun with two processes."""
+    one, two = finished_run[0], tmp_path_factory.mktemp("distributed") / "two"
+    return one, two, launch(TORCHRUN, tiny_data, two, one.parent / "cache")
 
 
 def files(folder):

@@ -159,8 +159,8 @@ def test_grad_cam_uses_the_deepest_map_of_at_least_7_by_7(size, layer, cells):
 def test_grad_cam_maps_of_a_64px_image_have_7_by_7_cells_or_more(monkeypatch):
     """grad_cam on a real (untrained) ResNet18 at 64 px: the map it weighs and draws has 8 x 8 cells, 8 px apart."""
     drawn, upsample = {}, explain.upsample_aligned
-    monkeypatch.setattr(explain, "upsample_aligned", lambda cam, size, stride: drawn.update(
-        cells=tuple(cam.shape[-2:]), stride=stride) or upsample(cam, size, stride))
+    monkeypatch.setattr(explain, "upsample_aligned", lambda cam, size, stride, offset=0.0: drawn.update(
+        cells=tuple(cam.shape[-2:]), stride=stride) or upsample(cam, size, stride, offset))
     model = build_model(Settings(backbone="resnet18", img_size=64)).eval()
     cam = explain.grad_cam(model, torch.rand(2, 3, 64, 64))
     assert cam.shape == (2, 64, 64) and drawn == {"cells": (8, 8), "stride": 8}
