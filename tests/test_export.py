@@ -1,9 +1,7 @@
 """export.py: the exported model, fed images of any size as they are, reproduces the pipeline's preprocessing and the
 run's own probabilities."""
-import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,11 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
 from torch import nn
 
 from engine.augment import to_float
 import export
+from test_decode import another_decoder, key_before_the_decoder_was_in_it
 from conftest import ROOT, SAMPLE, cli, tiny
 from experiments.scale_check import distinct_image
 from isic.demo import make_dataset
@@ -176,14 +174,6 @@ def test_the_self_check_compares_with_the_pipelines_own_decode(user_files, tmp_p
     assert other > export.TOLERANCE == 0.002
 
 
-def another_decoder(path, size: int) -> torch.Tensor:
-    """Pixels of a decoder other than image_cache.decode, today's or an earlier one: resized without antialiasing."""
-    image = read_rgb(path)
-    side = min(image.shape[-2:])
-    return resize_and_crop(TF.resize(image, [image.shape[-2] * size // side, image.shape[-1] * size // side],
-                                     antialias=False), size)
-
-
 @pytest.fixture(scope="module")
 def larger_run(tmp_path_factory):
     """run(size) → (data, run folder): a run on 160 x 160 JPEGs at --img-size `size`, trained once per size: each
@@ -215,14 +205,6 @@ def test_export_on_files_decoded_in_full_gives_the_runs_test_predictions(larger_
     images = np.stack([as_pil_reads(data / "train-image" / "image" / f"{i}.jpg") for i in predictions["isic_id"]])
     difference = np.abs(export.load_export(path)(images)[0] - predictions["probability"].to_numpy()).max()
     assert difference < 1e-4, difference  # resampling's rounding only (the promise is 0.002)
-
-
-def key_before_the_decoder_was_in_it(paths, size: int) -> str:
-    key = hashlib.sha1(str(size).encode())
-    for p in paths:
-        st = os.stat(p)
-        key.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return key.hexdigest()[:16]
 
 
 @pytest.mark.slow
