@@ -17,6 +17,7 @@ from engine.checkpoints import CheckpointWriter, load_checkpoint
 from experiments.checkpoint_sizes import save_costs
 from engine.config import Settings
 from test_checkpoints import trained_state
+from test_faults import HALF_SAVE
 from train import TrainingState, save_checkpoints
 from utils import UserError
 
@@ -99,23 +100,11 @@ def test_the_training_threads_share_of_saving_is_under_a_tenth_of_a_synchronous_
 
 
 # A child writes last.pt of epoch 1, then hands epoch 2's to the writer, which is SIGKILLed halfway through the file.
-KILLED_MID_WRITE = r"""
-import io, os, signal, sys, time
-import torch
+KILLED_MID_WRITE = HALF_SAVE + r"""
+import sys, time
 from engine.checkpoints import CheckpointWriter
 folder = sys.argv[1]
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    if obj["epoch"] == 2:
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        with open(f, "wb") as out:
-            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-            out.flush()
-            os.fsync(out.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
+plant_half_save(2)
 with CheckpointWriter() as writer:
     for epoch in (1, 2):
         state = {"epoch": epoch, "weights": torch.full((1000,), float(epoch))}

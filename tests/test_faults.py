@@ -23,11 +23,11 @@ from utils import UserError
 TINY = tiny(3, workers=None)
 
 # driver.main in a child process with one function patched, to put a fault at an exact point of a real run.
-CHILD = r"""
-import dataclasses, inspect, io, os, signal, sys, time
-import torch, driver, train
-mode, epoch, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if mode == "kill-in-save":  # SIGKILL halfway through writing last.pt of `epoch`
+# In a child process: torch.save of last.pt at `epoch` puts half of the file on disk, then SIGKILLs the process.
+HALF_SAVE = r"""
+import io, os, signal
+import torch
+def plant_half_save(epoch):
     real_save = torch.save
     def save(obj, f, *args, **kwargs):
         if isinstance(obj, dict) and obj.get("epoch") == epoch and ".last.pt." in str(f):
@@ -40,6 +40,13 @@ if mode == "kill-in-save":  # SIGKILL halfway through writing last.pt of `epoch`
             os.kill(os.getpid(), signal.SIGKILL)
         return real_save(obj, f, *args, **kwargs)
     torch.save = save
+"""
+CHILD = HALF_SAVE + r"""
+import dataclasses, inspect, sys, time
+import driver, train
+mode, epoch, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+if mode == "kill-in-save":  # SIGKILL halfway through writing last.pt of `epoch`
+    plant_half_save(epoch)
 if mode == "pause-in-step":  # step 2 of `epoch` creates `marker`, then waits for the test's signal before going on
     real_epoch = train.train_one_epoch
     def one_epoch(*args, **kwargs):
