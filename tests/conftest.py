@@ -1,3 +1,4 @@
+import importlib
 import os
 import shutil
 import subprocess
@@ -76,6 +77,19 @@ def cli(script, *args):
     """Run a script of the repository (driver.py, predict.py) as a user types it; its output is kept, not printed."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=600)
+
+
+def in_process(script, *args) -> int:
+    """`script`'s main() on these arguments in this process, returning its exit code: what `cli` runs, without the
+    7 s of CPU a new Python pays to import torch. For tests whose promise is not the process itself (a kill, an exit
+    before the imports, a launcher); its output goes to capsys. sys.argv reads as the user's command meanwhile (runs
+    record it in commands.txt)."""
+    argv, typed = [str(a) for a in args], sys.argv
+    sys.argv = [script, *argv]
+    try:
+        return importlib.import_module(Path(script).stem).main(argv)
+    finally:
+        sys.argv = typed
 
 
 def needs(*paths: Path):

@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from engine.config import Settings
-from conftest import METADATA, ROOT, needs
+from conftest import METADATA, ROOT, in_process, needs
 from dataset import prepare_data
 from driver import main
 from isic.metadata import load_metadata
@@ -325,17 +325,16 @@ def test_any_mode_and_extension_becomes_rgb_at_img_size(tmp_path):
 # ---------------------------------------------------------------- the "done when", on the real metadata
 
 @needs(GROUND_TRUTH, METADATA / "ISIC_2020_Training_Duplicates.csv")
-def test_check_data_on_real_metadata_with_no_images_is_fast_and_clear(tmp_path):
+def test_check_data_on_real_metadata_with_no_images_is_fast_and_clear(tmp_path, capsys):
     empty = tmp_path / "X"
     empty.mkdir()
     out = tmp_path / "run"
     start = time.perf_counter()
-    result = cli("--csv", GROUND_TRUTH, "--image-dir", empty, "--check-data", "--out", out,
-                 "--duplicates", METADATA / "ISIC_2020_Training_Duplicates.csv")
-    seconds = time.perf_counter() - start
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: data not usable: 33126 of 33126 images missing from")
-    assert result.stderr.strip().count("\n") == 0 and seconds < 60
+    code = in_process("driver.py", "--csv", GROUND_TRUTH, "--image-dir", empty, "--check-data", "--out", out,
+                      "--duplicates", METADATA / "ISIC_2020_Training_Duplicates.csv")
+    seconds, err = time.perf_counter() - start, capsys.readouterr().err
+    assert_one_line_error(code, err, "data not usable: 33126 of 33126 images missing from")
+    assert err.startswith("error: data not usable") and seconds < 60
     splits = pd.read_csv(out / "splits.csv")
     assert len(splits) == 33126 and set(splits["split_by"]) == {"patient+duplicates"}
     assert (splits.groupby("patient_id")["split"].nunique() == 1).all()

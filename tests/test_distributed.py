@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch.distributed as dist
 
-from conftest import ROOT, tiny
+from conftest import ROOT, in_process, tiny
 from engine.checkpoints import load_checkpoint
 from isic.demo import make_dataset
 from isic.tabular import ENCODER_FILE
@@ -64,12 +64,10 @@ def test_two_processes_score_every_test_image_once(runs):
     assert predictions["isic_id"].is_unique and set(predictions["isic_id"]) == set(test_ids)
 
 
-def test_resume_needs_the_same_number_of_processes(runs):
+def test_resume_needs_the_same_number_of_processes(runs, capsys):
     _, two, _ = runs
-    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--resume", str(two)], capture_output=True,
-                            text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2
-    assert "trained by 2 process(es), not 1" in result.stderr and "Traceback" not in result.stderr
+    assert in_process("driver.py", "--resume", two) == 2
+    assert "trained by 2 process(es), not 1" in capsys.readouterr().err
 
 
 def test_other_ranks_read_the_metadata_encoder_rank_0_wrote_for_this_run(tmp_path):

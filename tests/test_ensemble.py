@@ -2,15 +2,13 @@
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import predict
-from conftest import ROOT, tiny
+from conftest import in_process, tiny
 from engine.config import Settings
 from isic.demo import make_dataset
 from workflow.ensemble import Member, combine, write_ensemble
@@ -98,10 +96,8 @@ def two_runs(tmp_path_factory):
     for size in ("32", "40"):
         out = root / f"run{size}"
         flags = [*tiny(1), "--img-size", size]
-        result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                                 "--cache-dir", str(root / "cache"), "--seed", "3", *flags],
-                                capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr[-2000:]
+        assert in_process("driver.py", "--data-dir", data, "--out", out, "--cache-dir", root / "cache", "--seed", 3,
+                          *flags) == 0
         runs.append(out)
     twin = root / "twin"
     shutil.copytree(runs[0], twin)

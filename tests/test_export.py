@@ -3,8 +3,6 @@ run's own probabilities."""
 import importlib.util
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -17,7 +15,7 @@ from torch import nn
 from engine.augment import to_float
 import export
 from test_decode import another_decoder, key_before_the_decoder_was_in_it
-from conftest import ROOT, SAMPLE, cli, tiny
+from conftest import SAMPLE, in_process, tiny
 from experiments.scale_check import distinct_image
 from isic.demo import make_dataset
 from isic.metadata import load_metadata, locate_images
@@ -66,9 +64,7 @@ def run_at_file_size(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_dataset(root / "data", n_images=80, malignant_rate=0.3, size=32, seed=3)
     out = root / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                             "--cache-dir", str(root / "cache"), *tiny(1)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert in_process("driver.py", "--data-dir", data, "--out", out, "--cache-dir", root / "cache", *tiny(1)) == 0
     return data, out
 
 
@@ -185,10 +181,8 @@ def larger_run(tmp_path_factory):
             root = tmp_path_factory.mktemp(f"larger-{size}")
             data = make_dataset(root / "data", n_images=60, malignant_rate=0.3, size=160, seed=3)
             out = root / "run"
-            result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out",
-                                     str(out), "--cache-dir", str(root / "cache"), *tiny(1), "--img-size", str(size)],
-                                    capture_output=True, text=True, cwd=ROOT)
-            assert result.returncode == 0, result.stderr[-2000:]
+            assert in_process("driver.py", "--data-dir", data, "--out", out, "--cache-dir", root / "cache", *tiny(1),
+                              "--img-size", size) == 0
             runs[size] = data, out
         return runs[size]
     return run
@@ -224,8 +218,7 @@ def test_a_cache_left_by_the_older_decoder_changes_no_prediction(larger_run, tmp
     np.save(stem.with_suffix(".npy"), np.stack([another_decoder(p, size).numpy() for p in paths]))
     stem.with_suffix(".json").write_text(json.dumps({"n": len(paths), "size": size, "errors": {},
                                                      "bytes": stem.with_suffix(".npy").stat().st_size}))
-    result = cli("predict.py", "--run", copy, "--split", "test", "--workers", 0)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert in_process("predict.py", "--run", copy, "--split", "test", "--workers", 0) == 0
     before = pd.read_csv(run / "test" / "predictions.csv")["probability"].to_numpy()
     after = pd.read_csv(copy / "test" / "predictions.csv")["probability"].to_numpy()
     assert np.abs(after - before).max() < 1e-6

@@ -15,7 +15,7 @@ from PIL import Image
 from engine.config import Settings
 from reporting import webreport
 import train
-from conftest import cli
+from conftest import in_process
 from reporting.webreport_html import is_number, leaves
 
 SECTIONS = ["Test summary", "Training curves", "ROC, precision-recall and calibration", "Embeddings", "Error gallery"]
@@ -394,15 +394,13 @@ def test_report_of_a_tiny_run(finished_run):
 
 
 @pytest.mark.slow
-def test_predict_rewrites_the_report(run_copy, tiny_data, tmp_path):
+def test_predict_rewrites_the_report(run_copy, tiny_data, tmp_path, capsys):
     out = run_copy
-    result = cli("predict.py", "--run", out, "--split", "val", "--workers", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"report: {out / 'report.html'}" in result.stdout
+    assert in_process("predict.py", "--run", out, "--split", "val", "--workers", "0") == 0
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
     assert "predict.py --run" in (out / "commands.txt").read_text().splitlines()[-1]
     check_numbers(out)  # the page holds the numbers of the new metrics.json
     images = tiny_data / "train-image" / "image"
-    result = cli("predict.py", "--run", out, "--images", images, "--out", tmp_path / "new", "--workers", "0")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert in_process("predict.py", "--run", out, "--images", images, "--out", tmp_path / "new", "--workers", "0") == 0
     page = read_page(tmp_path / "new")
     assert "160 unlabelled images" in " ".join(page.text) and "predict.py --run" in " ".join(page.text)

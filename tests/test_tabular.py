@@ -81,10 +81,7 @@ def test_fields_come_in_a_fixed_order():
 @pytest.fixture(scope="module")
 def metadata_run(tmp_path_factory):
     """A tiny run whose head also reads age, sex and site from an extra CSV (older patients malignant more often)."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT, tiny
+    from conftest import in_process, tiny
     from isic.demo import make_dataset
     root = tmp_path_factory.mktemp("metadata")
     data = make_dataset(root / "data", n_images=80, malignant_rate=0.3, size=32, seed=4)
@@ -95,10 +92,8 @@ def metadata_run(tmp_path_factory):
                           "anatom_site_general_challenge": rng.choice(["torso", "head/neck"], 80)})
     facts.to_csv(root / "facts.csv", index=False)
     out = root / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--out", str(out),
-                             "--cache-dir", str(root / "cache"), "--metadata", "age,sex,site",
-                             "--extra-csv", str(root / "facts.csv"), *tiny(1)], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert in_process("driver.py", "--data-dir", data, "--out", out, "--cache-dir", root / "cache",
+                      "--metadata", "age,sex,site", "--extra-csv", root / "facts.csv", *tiny(1)) == 0
     return root, data, out
 
 
