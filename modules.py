@@ -3,9 +3,11 @@ weights serves every image."""
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
@@ -153,6 +155,37 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     if isinstance(getattr(model, "trunk", None), nn.Module) and hasattr(model.trunk, "pretrained_cfg"):
         return _import_timm().layers.convert_sync_batchnorm(model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+# ---------------------------------------------------------------- how a lesion looks to the trunk
+
+LOOK_STAGES = 3  # the trunk's deepest stages whose statistics describe a lesion's look (docs/similarity.md)
+
+
+def look_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk's LOOK_STAGES deepest stages: a torchvision ResNet's layer2-4, else the last modules that timm's
+    feature_info names (stages of a convnet, blocks of a transformer)."""
+    if isinstance(trunk, models.ResNet):
+        stages = [trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
+    else:
+        stages = [trunk.get_submodule(info["module"]) for info in trunk.feature_info]
+    return stages[-LOOK_STAGES:]
+
+
+def stage_statistics(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """One stage's output as the mean and the standard deviation of each channel over the image (a feature map,
+    (B, C, H, W), or (B, H, W, C) when channels_last) or over the tokens ((B, N, C)): the statistics that style
+    transfer matches. Each half has unit length (but a 1 x 1 map's spread, 0), the whole too."""
+    x = x.float()
+    dims = (1,) if x.dim() == 3 else (1, 2) if channels_last else (2, 3)
+    halves = (x.mean(dims), x.std(dims, correction=0))
+    return torch.cat([F.normalize(h, dim=1) for h in halves], dim=1) / math.sqrt(2)
+
+
+def look_vector(statistics: list[torch.Tensor]) -> torch.Tensor:
+    """How each image looks to the trunk: stage_statistics of its look stages side by side, each an equal share of
+    a unit length."""
+    return torch.cat(statistics, dim=1) / math.sqrt(len(statistics))
 
 
 METADATA_WIDTH = 16  # what the metadata branch adds to the head's input: a few patient facts need few units

@@ -172,6 +172,11 @@ class Settings:
                                 outcome=False)
     tta: bool = setting(False, "also evaluate val/test with 8-fold flip/rotation test-time augmentation "
                         "(metrics.json 'tta'; 8x the evaluation time)", group="run", action="store_true")
+    # how evaluation finds the nearest training lesions: nothing trained or scored for the diagnosis depends on it
+    neighbours_by: str = setting("look", "what the nearest training lesions (similar.png, neighbours.csv, retrieval "
+                                 "metrics) are nearest in: look (the trunk's feature statistics) or embedding (the "
+                                 "class embedding kNN scores with; default {default})", group="run",
+                                 choices=["look", "embedding"], resumable=True)
     # only what neighbours.csv lists: nothing trained or scored depends on it
     neighbours: int = setting(5, "nearest training lesions listed per image in neighbours.csv (default {default})",
                               group="run", type=COUNT, resumable=True, outcome=False)

@@ -13,6 +13,7 @@ from isic.image_cache import decode
 from isic.metadata import find_layout, locate_images
 from reporting import plots
 from scoring.inference import Predictions
+from scoring.references import neighbour_space_name
 from utils import UserError
 
 GALLERY = 4  # cases per row of gallery.png
@@ -197,11 +198,9 @@ def write_similar(dataset, captions, labels, cases: dict, distances, rows, refs,
                        "same image as this\ntraining image" if d < SAME_IMAGE else "")
                       for j, d in zip(rows[i], distances[i])]
         figure_rows.append((heading, (as_picture(dataset[i][0]), f"{captions[i]}\n{truth}"), neighbours))
-    space = f"L2 distance between {'L2-normalised ' if s.normalize_embeddings else ''}embeddings (0 = identical" + \
-        (", 2 = opposite)" if s.normalize_embeddings else ")")
     plots.similar_plot(figure_rows, path, f"{subject}: each query (left of the line) beside its nearest lesions of "
-                       f"the run's training split, nearest first\nd: {space}; labels from the metadata (biopsy or "
-                       "follow-up)")
+                       f"the run's training split, nearest first\nd: {neighbour_space_name(s)}; labels from the "
+                       "metadata (biopsy or follow-up)")
 
 
 def neighbour_caption(refs, j: int, distance: float) -> str:

@@ -165,7 +165,8 @@ def retrieval_line(r: dict, view: str = "") -> str:
     mean, malignant = r["mean_of_classes"], r["per_class"].get("malignant", {})
     both = "  ".join(f"{label} {mean[key]:.3f}" + (f" ({malignant[key]:.3f})" if malignant else "")
                      for key, label in names.items())
-    line = (f"  retrieval{view} vs {r['references']} training lesions: {both}  "
+    by = f" by {r['neighbours_by']}" if "neighbours_by" in r else ""
+    line = (f"  retrieval{by}{view} vs {r['references']} training lesions: {both}  "
             f"(mean of benign and malignant queries; malignant in brackets)")
     return line + (visual_line(r) if "visual_agreement@5" in r else "")
 

@@ -397,7 +397,9 @@ class Page:
         several screens tall), shown for new images, where they are the result."""
         tables = [csv_table(rows, f"{split}: neighbours.csv") for split, d in self.splits.items()
                   if (rows := read_csv(d / "neighbours.csv"))]
-        grids = self.figures_by_split({"similar.png": "similar lesions"}, wide=True, shown=0 if self.evaluated else 1)
+        by = self.config.get("neighbours_by", Settings.neighbours_by)  # what evaluating the run now would use
+        grids = self.figures_by_split({"similar.png": f"similar lesions (nearest by {by})"}, wide=True,
+                                      shown=0 if self.evaluated else 1)
         return dict(figures=grids, tables=tables, folded=bool(self.evaluated)) if grids or tables else {}
 
     def other_figures(self) -> Grid | None:

@@ -1,6 +1,7 @@
 """The training split's embeddings, computed once per run and stored in the run folder (train_embeddings.pt).
 
-kNN, prototype and retrieval compare every scored image with the training lesions. Re-embedding ~25,000 training
+kNN, prototype and retrieval compare every scored image with the training lesions (retrieval by look compares
+looks, modules.look_vector, in the training looks' principal components, stored with them). Re-embedding ~25,000 training
 images for each folder of new images would cost more than scoring the folder, so the embeddings are stored with the
 SHA-256 of the weights that made them and the precision they were computed in: a changed best.pt (or any other
 weights), or another precision (references embedded by a bf16 GPU, queries in float32 on a CPU: an identical image
@@ -9,7 +10,7 @@ would no longer be at distance 0), no longer matches, and they are recomputed.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ from engine.devices import precision_name
 from isic.image_cache import decoder_id
 from isic.metadata import ID_COLUMNS, find_layout, read_csv
 from isic.tabular import with_metadata
-from scoring.inference import score
+from scoring.inference import Predictions, score
+from scoring.retrieval import embedding_space, fit_look_basis, project_looks
 from scoring.visual_similarity import dataset_features
 
 STORE = "train_embeddings.pt"
-FORMAT = 2  # raise when the stored fields change
+FORMAT = 3  # raise when the stored fields change
 
 
 @dataclass
@@ -40,6 +42,8 @@ class References:
     weights_sha256: str
     precision: str          # what the embeddings were computed in: "float32", "bfloat16" or "float16" (autocast)
     visual: np.ndarray | None = None  # model-free colour/texture features (visual_similarity.py), (N, F)
+    looks: dict = field(default_factory=dict)  # view → (N, K) looks in their principal components
+    look_bases: dict = field(default_factory=dict)  # view → the components: retrieval.fit_look_basis
 
 
 def views(model, tta: bool) -> dict:
@@ -95,7 +99,9 @@ def load_references(path, fingerprint: str, precision: str) -> References | None
         return None
     return References(np.array(d["ids"], dtype=object), d["targets"].numpy(), np.array(d["diagnosis"], dtype=object),
                       {view: e.numpy() for view, e in d["embeddings"].items()}, fingerprint, precision,
-                      None if d.get("visual") is None else d["visual"].numpy())
+                      None if d.get("visual") is None else d["visual"].numpy(),
+                      {view: x.numpy() for view, x in d["looks"].items()},
+                      {view: {k: x.numpy() for k, x in basis.items()} for view, basis in d["look_bases"].items()})
 
 
 def save_references(path, refs: References) -> None:
@@ -104,7 +110,10 @@ def save_references(path, refs: References) -> None:
                            "ids": list(refs.ids), "targets": torch.as_tensor(refs.targets),
                            "diagnosis": list(refs.diagnosis),
                            "embeddings": {view: torch.as_tensor(e) for view, e in refs.embeddings.items()},
-                           "visual": None if refs.visual is None else torch.as_tensor(refs.visual)})
+                           "visual": None if refs.visual is None else torch.as_tensor(refs.visual),
+                           "looks": {view: torch.as_tensor(x) for view, x in refs.looks.items()},
+                           "look_bases": {view: {k: torch.as_tensor(x) for k, x in basis.items()}
+                                          for view, basis in refs.look_bases.items()}})
 
 
 def train_references(run_dir, model, s, device, tta: bool, data=None, store=None, visual: bool = True) -> References:
@@ -115,8 +124,11 @@ def train_references(run_dir, model, s, device, tta: bool, data=None, store=None
     fingerprint, precision = weights_fingerprint(model), precision_name(device)
     wanted = views(model, tta)
 
+    by_look = s.neighbours_by == "look"
+
     def complete(refs: References) -> bool:
-        return set(wanted) <= set(refs.embeddings) and (refs.visual is not None or not visual)
+        return set(wanted) <= set(refs.embeddings) and (refs.visual is not None or not visual) and \
+            (not by_look or set(wanted) <= set(refs.looks))
 
     refs = load_references(Path(run_dir) / STORE, fingerprint, precision)
     path = Path(store or run_dir) / STORE
@@ -137,12 +149,32 @@ def train_references(run_dir, model, s, device, tta: bool, data=None, store=None
                           precision)
     train = data.dataset("train", s.img_size)
     for view, scorer in wanted.items():
-        if view not in refs.embeddings:
+        if view not in refs.embeddings or (by_look and view not in refs.looks):
             print(f"embedding the {len(train)} training images ({view}) once; stored in {path}")
             with timings.phase("evaluation.train_embeddings" + ("_tta" if view == "tta" else ""),
                                note=f"{len(train)} images"):
-                refs.embeddings[view] = score(scorer, train, s, device).embeddings
+                pred = score(scorer, train, s, device)
+            refs.embeddings[view] = pred.embeddings
+            if pred.looks is not None:
+                refs.look_bases[view] = fit_look_basis(pred.looks)
+                refs.looks[view] = project_looks(pred.looks, refs.look_bases[view])
     if visual and refs.visual is None:
         refs.visual = dataset_features(train, s, "evaluation.train_visual_features")
     save_references(path, refs)
     return refs
+
+
+def neighbour_space(refs: References, view: str, pred: Predictions, s) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's and the scored images' vectors in the space where their nearest training lesions are
+    found (s.neighbours_by): looks in the training looks' principal components, or the class embeddings."""
+    if s.neighbours_by == "look":
+        return refs.looks[view], project_looks(pred.looks, refs.look_bases[view])
+    return embedding_space(refs.embeddings[view], s), embedding_space(pred.embeddings, s)
+
+
+def neighbour_space_name(s) -> str:
+    """What the distances between an image and its neighbours are measured in, in words."""
+    if s.neighbours_by == "look":
+        return "L2 distance between looks (the trunk's feature statistics; 0 = identical)"
+    return f"L2 distance between {'L2-normalised ' if s.normalize_embeddings else ''}class embeddings (0 = " \
+        f"identical{', 2 = opposite' if s.normalize_embeddings else ''})"

@@ -14,6 +14,22 @@ def embedding_space(embeddings, s) -> np.ndarray:
     return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True).clip(1e-12)
 
 
+LOOK_DIMENSIONS = 256  # the looks' principal components kept: a resnet50's looks have 7,168 numbers
+
+
+def fit_look_basis(train_looks: np.ndarray) -> dict:
+    """The training split's looks' mean and principal components (at most LOOK_DIMENSIONS): distances between
+    looks kept in a few hundred numbers, so that train_embeddings.pt stays small at ISIC scale."""
+    from sklearn.decomposition import PCA
+    pca = PCA(n_components=min(LOOK_DIMENSIONS, *train_looks.shape), random_state=0).fit(train_looks)
+    return {"mean": pca.mean_.astype(np.float32), "components": pca.components_.astype(np.float32)}
+
+
+def project_looks(looks: np.ndarray, basis: dict) -> np.ndarray:
+    """Looks in the training split's principal components (fit_look_basis): the space neighbours by look are in."""
+    return ((looks - basis["mean"]) @ basis["components"].T).astype(np.float32)
+
+
 def knn_scores(train_embeddings, train_y, embeddings, ks) -> dict:
     """For each k: the fraction of malignant images among the k nearest training embeddings."""
     ks = sorted({min(k, len(train_y)) for k in ks})

@@ -24,8 +24,8 @@ def test_help_shows_the_defaults():
 
 
 def test_derived_sets():
-    assert RESUMABLE == {"resume", "device", "workers", "cache_dir", "neighbours", "tensorboard", "resident",
-                         "save_every"}
+    assert RESUMABLE == {"resume", "device", "workers", "cache_dir", "neighbours", "neighbours_by", "tensorboard",
+                         "resident", "save_every"}
     assert NOT_OUTCOME == {"data_dir", "csv", "image_dir", "duplicates", "extra_csv", "splits", "cache_dir", "out",
                            "overwrite", "resume", "workers", "device", "versions", "neighbours", "given", "tensorboard",
                            "resident", "save_every"}

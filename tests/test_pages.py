@@ -109,7 +109,8 @@ def test_tall_figures_of_a_labelled_page_are_folded(tmp_path):
     assert [(t["section"], t["folded"]) for t in page.tables if t["section"] in ("timings", "run")] == \
         [("run", True), ("run", True)]  # settings and library versions
     html = (run / "report.html").read_text()
-    for caption in ("val: embeddings", "val: gallery", "test: similar lesions", "val: similar lesions"):
+    for caption in ("val: embeddings", "val: gallery", "test: similar lesions (nearest by look)",
+                    "val: similar lesions (nearest by look)"):
         assert f"<details><summary>{caption}</summary>" in html
     for caption in ("test: embeddings", "test: gallery"):
         assert f"<details><summary>{caption}</summary>" not in html and f"<figcaption>{caption}</figcaption>" in html

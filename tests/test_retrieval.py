@@ -17,7 +17,7 @@ from workflow import evaluation
 from modules import SiameseNet
 from scoring.inference import Predictions
 from scoring.references import STORE, References, load_references, save_references, weights_fingerprint
-from scoring.retrieval import nearest, retrieval_metrics
+from scoring.retrieval import fit_look_basis, nearest, project_looks, retrieval_metrics
 
 
 def test_an_embedding_equal_to_a_training_one_is_its_nearest_at_distance_0():
@@ -54,19 +54,23 @@ def test_retrieval_metrics_match_a_hand_computation():
                         "queries": 1, "R": 2}
 
 
-def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(monkeypatch):
+@pytest.mark.parametrize("by", ["look", "embedding"])
+def test_retrieval_metrics_are_computed_on_the_cpu_for_a_run_on_an_apple_gpu(monkeypatch, by):
     # The model's scores are stood in for (no MPS here); what is tested is that nothing after scoring is sent to the
     # run's device: PML's AccuracyCalculator works in float64, which MPS rejects (and this PyTorch has no MPS at all).
     train_y, y = np.r_[np.zeros(20, int), np.ones(20, int)], np.array([0, 0, 1, 1])
     train = np.c_[train_y * 4.0, np.ones(40)].astype(np.float32)
-    pred = Predictions(y, np.array([0.1, 0.2, 0.8, 0.9]), np.zeros(4, np.float32),
-                       np.c_[y * 4.0, np.ones(4)].astype(np.float32), float("nan"))
+    jitter = np.random.default_rng(1).normal(scale=0.1, size=(40, 2)).astype(np.float32)  # distinct looks: a basis
+    query = np.c_[y * 4.0, np.ones(4)].astype(np.float32)
+    pred = Predictions(y, np.array([0.1, 0.2, 0.8, 0.9]), np.zeros(4, np.float32), query, float("nan"), query)
     monkeypatch.setattr(evaluation, "score", lambda *args: pred)
     visual = np.random.default_rng(0).normal(size=(44, 38)).astype(np.float32)  # colour/texture stand-ins
     monkeypatch.setattr(evaluation, "dataset_features", lambda dataset, s: visual[40:])
+    basis = fit_look_basis(train + jitter)
     refs = References(np.arange(40).astype(str).astype(object), train_y, np.full(40, "", dtype=object),
-                      {"plain": train}, "sha", "float32", visual[:40])
-    run = evaluation.LoadedRun(Path("run"), Settings(), None, torch.device("mps"))
+                      {"plain": train}, "sha", "float32", visual[:40], {"plain": project_looks(train + jitter, basis)},
+                      {"plain": basis})
+    run = evaluation.LoadedRun(Path("run"), Settings(neighbours_by=by), None, torch.device("mps"))
     scored = evaluation.score_views(run, range(4), refs, val=None)
     assert scored["plain"].retrieval["mean_of_classes"]["precision_at_1"] == 1.0
 

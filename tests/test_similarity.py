@@ -1,18 +1,76 @@
-"""Instance-level similarity: the instance term (NT-Xent between two augmented views, --w-instance), and the retrieval
-quality measures beside it (visual agreement and hubness, visual_similarity.py)."""
+"""Instance-level similarity: neighbours by look (the trunk's feature statistics, --neighbours-by), the instance term
+(NT-Xent between two augmented views, --w-instance), and the retrieval quality measures beside them (visual agreement
+and hubness, visual_similarity.py)."""
+import json
+import math
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import NTXentLoss, SelfSupervisedLoss
 from torch import nn
 
-from engine.augment import BatchAugment
 from conftest import in_process, tiny
+from dataset import prepare_data
+from engine.augment import BatchAugment, DihedralTTA
 from engine.losses import JointLoss
-from test_faults import CHILD, assert_same_results, finish, start
+from modules import SiameseNet, stage_statistics
+from scoring.inference import evaluate, load_run, score
+from scoring.references import STORE
+from scoring.retrieval import embedding_space, nearest
 from scoring.visual_similarity import feature_space, hubness, image_features, visual_agreement
+from test_faults import CHILD, assert_same_results, finish, start
 from train import forward_views
+
+
+# ---------------------------------------------------------------- neighbours by look
+
+def test_stage_statistics_are_each_channels_mean_and_spread_in_any_layout():
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0] = torch.tensor([0.0, 2.0]).repeat(8).view(4, 4)  # channel 0: mean 1, standard deviation 1
+    x[0, 1] = 3.0  # channel 1: mean 3, standard deviation 0
+    means, stds = torch.tensor([1.0, 3.0]) / math.sqrt(10), torch.tensor([1.0, 0.0])  # each half of unit length
+    expected = torch.cat([means, stds])[None] / math.sqrt(2)
+    torch.testing.assert_close(stage_statistics(x), expected)
+    torch.testing.assert_close(stage_statistics(x.permute(0, 2, 3, 1), channels_last=True), expected)
+    torch.testing.assert_close(stage_statistics(x.flatten(2).transpose(1, 2)), expected)  # (B, tokens, C)
+
+
+def test_the_tta_look_is_the_mean_of_the_eight_views_looks():
+    torch.manual_seed(0)
+    net = SiameseNet("resnet18", embedding_dim=8).eval()
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)  # layer4's map 2 x 2: each stage has spread
+    batch = lambda x: [(x, torch.zeros(3), torch.zeros(3), torch.zeros(3, 0))]  # noqa: E731
+    cpu = torch.device("cpu")
+    views = [torch.rot90(x, k, dims=(2, 3)) for x in (images, images.flip(3)) for k in range(4)]
+    each = np.stack([evaluate(net, batch(v), cpu, look_of=net).looks for v in views])
+    plain, tta = (evaluate(m, batch(images), cpu, look_of=net).looks for m in (net, DihedralTTA(net)))
+    np.testing.assert_allclose(plain, each[0], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(plain, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(tta, each.mean(0), atol=1e-6)
+    assert np.abs(tta - plain).max() > 1e-3  # the views differ: the mean is no copy of the first
+    assert evaluate(net, batch(images), cpu).looks is None  # not asked for
+
+
+@pytest.mark.slow
+def test_neighbours_by_embedding_are_the_nearest_class_embeddings(finished_run, run_copy):
+    look = json.loads((finished_run[0] / "test" / "metrics.json").read_text())["retrieval"]
+    assert look["neighbours_by"] == "look" and "between looks" in look["distance"]  # the default
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "neighbours_by": "embedding"}))
+    assert in_process("predict.py", "--run", run_copy, "--split", "test", "--workers", 0) == 0
+    retrieval = json.loads((run_copy / "test" / "metrics.json").read_text())["retrieval"]
+    assert retrieval["neighbours_by"] == "embedding" and "class embeddings" in retrieval["distance"]
+    assert retrieval["visual_agreement@5"] != look["visual_agreement@5"]
+    s, model = load_run(run_copy, torch.device("cpu"))
+    data = prepare_data(s, splits_path=run_copy / "splits.csv")
+    pred = score(model, data.dataset("test", s.img_size), s, torch.device("cpu"))
+    refs = torch.load(run_copy / STORE, weights_only=True)
+    _, rows = nearest(embedding_space(refs["embeddings"]["plain"].numpy(), s), embedding_space(pred.embeddings, s), 5)
+    table = pd.read_csv(run_copy / "test" / "neighbours.csv")
+    assert table["isic_id"].tolist() == np.asarray(refs["ids"], dtype=object)[rows].ravel().tolist()
 
 
 def nt_xent(a, b, temperature):

@@ -23,7 +23,7 @@ from reporting.tensorboard_log import FOLDER as TENSORBOARD, add_projector
 from reporting.webreport import SKIPPED
 from scoring.inference import Predictions, score
 from scoring.metrics import auroc, partial_auc, youden_threshold
-from scoring.references import References, train_references, views
+from scoring.references import References, neighbour_space, neighbour_space_name, train_references, views
 from scoring.retrieval import embedding_space, knn_scores, nearest, prototype_scores, retrieval_metrics
 from scoring.visual_similarity import dataset_features, retrieval_quality
 from utils import UserError, write_csv
@@ -96,9 +96,11 @@ def scoring(pred: Predictions, refs: References, view: str, s, chosen: dict | No
         embedding_scores = {"knn": by_k[k], "prototype": prototype_scores(train, refs.targets, query)}
     retrieval = {}
     if visual is not None:
+        train, query = neighbour_space(refs, view, pred, s)
         with timings.phase("evaluation.retrieval"):
             retrieval = {**retrieval_metrics(train, refs.targets, query, pred.targets),
-                         **retrieval_quality(train, refs.targets, query, pred.targets, refs.visual, visual)}
+                         **retrieval_quality(train, refs.targets, query, pred.targets, refs.visual, visual),
+                         "neighbours_by": s.neighbours_by, "distance": neighbour_space_name(s)}
     return Scoring(pred, threshold, embedding_scores, k, retrieval)
 
 
@@ -112,11 +114,11 @@ def chosen_on_val(val: dict, view: str) -> dict:
     return chosen
 
 
-def write_retrieval(out_dir, refs: References, embeddings, ids, s, cases: dict, dataset, captions, labels=None,
-                    subject: str = "scored images") -> None:
-    """neighbours.csv: the --neighbours nearest training lesions of every image (plain embeddings);
-    similar.png: the `cases` of `subject` (its title) beside their SIMILAR nearest ones."""
-    train, query = embedding_space(refs.embeddings["plain"], s), embedding_space(embeddings, s)
+def write_retrieval(out_dir, refs: References, pred: Predictions, ids, s, cases: dict, dataset, captions,
+                    labels=None, subject: str = "scored images") -> None:
+    """neighbours.csv: the --neighbours nearest training lesions of every image (plain view, in the space
+    --neighbours-by names); similar.png: the `cases` of `subject` (its title) beside their SIMILAR nearest ones."""
+    train, query = neighbour_space(refs, "plain", pred, s)
     distances, rows = nearest(train, query, max(s.neighbours, SIMILAR))
     k = min(s.neighbours, distances.shape[1])
     table = pd.DataFrame({"query_id": np.repeat(np.asarray(ids), k), "rank": np.tile(np.arange(1, k + 1), len(ids)),
@@ -174,7 +176,7 @@ def write_labelled_set(run: LoadedRun, images: ImageSet, scorings: dict, refs: R
                       run.device, cases, subject=subject)
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(images.ids, p)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
-        write_retrieval(out_dir, refs, plain.pred.embeddings, images.ids, run.s, similar_cases(cases, y, run.s.seed),
+        write_retrieval(out_dir, refs, plain.pred, images.ids, run.s, similar_cases(cases, y, run.s.seed),
                         images.dataset, captions, y, subject)
     prevalence = float(refs.targets.mean())  # the training split's: the prior of the prior-corrected probability
     return write_labelled(scorings, images.ids, out_dir, run.s, extra, images.patients, prevalence, run.resamples)
@@ -237,7 +239,7 @@ def predict_images(folder, out_dir, run: LoadedRun, extra_csv=None, projector: b
     plain = scorings["plain"]
     captions = [f"{i}\nP(melanoma) {v:.3f}" for i, v in zip(ids, plain.pred.probabilities)]
     with timings.phase("evaluation.similar", note="neighbours.csv, similar.png"):
-        write_retrieval(out_dir, refs, plain.pred.embeddings, ids, run.s, image_cases(len(ids)), dataset, captions,
+        write_retrieval(out_dir, refs, plain.pred, ids, run.s, image_cases(len(ids)), dataset, captions,
                         subject=f"new images in {folder.name}, run {run_name(run.s)}")
     if projector:
         add_projector(Path(out_dir) / TENSORBOARD, "images", plain.pred, run.s, dataset, ids)
