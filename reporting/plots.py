@@ -11,7 +11,7 @@ from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
@@ -185,11 +185,12 @@ def calibration_plot(y, probabilities: dict, path, subject: str, bins: int = 10)
         observed, predicted = calibration_curve(y, p, n_bins=bins, strategy="uniform")
         top.plot(predicted, observed, marker="o", label=label)
         bottom.hist(p, bins=bins, range=(0, 1), histtype="step", lw=1.5, label=label)
-    top.set(ylabel="observed malignant rate", title=f"Reliability diagram: {subject}", xlim=(0, 1),
-            ylim=(0, 1.01))
+    top.set(ylabel="observed malignant rate", title=f"Reliability diagram:\n{subject}", xlim=(0, 1),
+            ylim=(0, 1.01))  # two lines: a run's name makes the title wider than this narrow figure
     bottom.set(xlabel="predicted probability of melanoma", ylabel="images")
     bottom.set_yscale("symlog", linthresh=1)  # a log scale for the counts, where an empty bin still draws (at 0)
-    bottom.set_ylim(bottom=0)
+    bottom.yaxis.set_major_formatter(FuncFormatter(lambda count, _: f"{count:g}"))  # 10, not mathtext 10^1:
+    bottom.set_ylim(bottom=0)  # text.parse_math is off, so a log axis's default labels would print as raw TeX
     handles, labels = top.get_legend_handles_labels()  # one legend for both: the histogram's lines share the colours
     bottom.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.45), fontsize=8, frameon=False)
     save(fig, path)

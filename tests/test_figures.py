@@ -215,6 +215,11 @@ def test_roc_pr_calibration_legends_outside_and_run_named(figures, monkeypatch, 
     for patch in histogram.patches:
         drawn = patch.get_transform().transform(patch.get_path().vertices)
         assert np.isfinite(drawn).all() and drawn[:, 1].min() >= bottom - 1
+    figures["calibration.png"].canvas.draw()
+    counts = [label.get_text() for label in histogram.get_yticklabels() if label.get_text()]
+    assert counts and all(text.isdigit() for text in counts), counts  # not "$\\mathdefault{10^{1}}$"
+    title = figures["calibration.png"].axes[0].title
+    assert title.get_window_extent().x1 <= figures["calibration.png"].bbox.x1  # the run's name is not cut off
 
 
 def test_similar_cases_at_random_never_repeat_a_case_shown_above():
