@@ -197,3 +197,23 @@ def test_crossval_table_shows_each_methods_retrieval_from_metrics_json():
     assert "| precision@1 | MAP@R | visual agreement@5 | hub share@5 | hub max@5 | folds |" in text
     assert "| joint + instance term 0.5 | 0.700 ± 0.000 | 0.300 ± 0.000 | 0.550 ± 0.071 | 0.500 ± 0.000 | " \
            "9.000 ± 0.000 | 2 |" in text
+
+
+def test_the_neighbours_table_pairs_look_with_embedding_on_each_fold(tmp_path):
+    from experiments.neighbours_cv import main
+
+    def metrics(precision_at_1, agreement):
+        view = {"scorers": {"head": {"auroc": 0.8, "pauc": 0.1}},
+                "retrieval": {"mean_of_classes": {"precision_at_1": precision_at_1, "mean_average_precision_at_r": 0.5},
+                              "visual_agreement@5": agreement, "hub_share@5": 0.7, "hub_max@5": 9}}
+        return {**view, "tta": view}
+    for fold, (embedding, look) in enumerate([((0.70, 0.40), (0.72, 0.65)), ((0.80, 0.50), (0.79, 0.70))], start=1):
+        for name, values in (("joint", embedding), ("look", look)):
+            (tmp_path / f"fold{fold}" / name / "test").mkdir(parents=True)
+            (tmp_path / f"fold{fold}" / name / "test" / "metrics.json").write_text(json.dumps(metrics(*values)))
+            (tmp_path / f"fold{fold}" / name / "config.json").write_text(json.dumps({"neighbours_by": "look"}))
+    assert main(["--cv-out", str(tmp_path)]) == 0  # the look folders are there: nothing is evaluated again
+    text = (tmp_path / "neighbours.md").read_text()
+    assert "| embedding | 0.800 ± 0.000 | 0.100 ± 0.000 | 0.750 ± 0.071 | 0.500 ± 0.000 | 0.450 ± 0.071 |" in text
+    assert "| mean | +0.000 | +0.000 | +0.005 | +0.000 | +0.225 |" in text
+    assert "| fold 2 | +0.000 | +0.000 | -0.010 | +0.000 | +0.200 |" in text
