@@ -151,7 +151,7 @@ def largest_difference(exported, model, paths, img_size: int) -> tuple[float, in
     return worst, checked
 
 
-def run(argv=None) -> None:
+def build_parser() -> Parser:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder written by driver.py")
     p.add_argument("--format", choices=["pt2", "onnx"], default="pt2",
@@ -160,7 +160,11 @@ def run(argv=None) -> None:
     p.add_argument("--check", type=COUNT, default=16, help="test images the export is checked on (default 16)")
     add_settings(p, ["data_dir", "csv", "image_dir"],
                  help={"data_dir": "where the run's images are now, if they moved (default: the run's)"})
-    args = p.parse_args(argv)
+    return p
+
+
+def run(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     run_dir = Path(args.run)
     s, model = load_run(run_dir, torch.device("cpu"))
     if s.metadata:

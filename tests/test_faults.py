@@ -15,7 +15,7 @@ import torch
 
 import driver
 import train
-from conftest import ROOT, tiny
+from conftest import ROOT, in_process, tiny
 from engine.checkpoints import load_checkpoint, save_checkpoint
 from isic.demo import make_dataset
 from utils import UserError
@@ -99,7 +99,7 @@ def runs(data, tmp_path_factory):
     with `--resume` alone, as a user would."""
     root = tmp_path_factory.mktemp("runs")
     given = ["--data-dir", data[0], "--cache-dir", data[1], *TINY]
-    finish(start("driver.py", *given, "--out", root / "reference"), check=0)
+    assert in_process("driver.py", *given, "--out", root / "reference") == 0  # alone: it builds the image cache
     again = start("driver.py", *given, "--workers", "2", "--out", root / "again", "--deterministic")
     killed = start("-c", CHILD, "kill-in-save", 2, "-", *given, "--out", root / "killed")
     killed_with_workers = start("-c", CHILD, "kill-in-save", 2, "-", *given, "--workers", "2",

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from conftest import cli
+from conftest import in_process
 from isic.demo import make_dataset
 from isic.metadata import load_metadata
 
@@ -14,8 +14,7 @@ def test_sample_keeps_whole_patients_both_classes_and_the_official_csvs(tmp_path
     pd.DataFrame({"image_name_1": ids[:3], "image_name_2": ids[3:6]}).to_csv(
         source / "ISIC_2020_Training_Duplicates.csv", index=False)
     out = tmp_path / "out"
-    result = cli("sample.py", "--data-dir", source, "--out", out, "--patients", 6, "--seed", 3)
-    assert result.returncode == 0, result.stderr
+    assert in_process("sample.py", "--data-dir", source, "--out", out, "--patients", 6, "--seed", 3) == 0
     sample = load_metadata(out / "train-metadata.csv")
     chosen = set(sample["patient_id"])
     assert len(chosen) == 6 and sample["target"].nunique() == 2
@@ -28,7 +27,8 @@ def test_sample_keeps_whole_patients_both_classes_and_the_official_csvs(tmp_path
     assert pairs.isin(set(sample["isic_id"])).any(axis=1).all()
 
 
-def test_sample_refuses_an_existing_folder_in_one_line(tmp_path):
+def test_sample_refuses_an_existing_folder_in_one_line(tmp_path, capsys):
     source = make_dataset(tmp_path / "src", n_images=20, size=16, seed=1)
-    result = cli("sample.py", "--data-dir", source, "--out", source, "--patients", 2)
-    assert result.returncode == 2 and result.stderr.startswith("error: --out") and result.stderr.count("\n") == 1
+    assert in_process("sample.py", "--data-dir", source, "--out", source, "--patients", 2) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: --out") and stderr.count("\n") == 1
