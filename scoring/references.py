@@ -1,11 +1,11 @@
 """The training split's embeddings, computed once per run and stored in the run folder (train_embeddings.pt).
 
 kNN, prototype and retrieval compare every scored image with the training lesions (retrieval by look compares
-looks, modules.look_vector, in the training looks' principal components, stored with them). Re-embedding ~25,000 training
-images for each folder of new images would cost more than scoring the folder, so the embeddings are stored with the
-SHA-256 of the weights that made them and the precision they were computed in: a changed best.pt (or any other
-weights), or another precision (references embedded by a bf16 GPU, queries in float32 on a CPU: an identical image
-would no longer be at distance 0), no longer matches, and they are recomputed.
+looks, modules.look_vector, in the training looks' principal components, stored with them). Re-embedding ~25,000
+training images for each folder of new images would cost more than scoring the folder, so the embeddings are stored
+with the SHA-256 of the weights that made them and the precision they were computed in: a changed best.pt (or any
+other weights), or another precision (references embedded by a bf16 GPU, queries in float32 on a CPU: an identical
+image would no longer be at distance 0), no longer matches, and they are recomputed.
 """
 from __future__ import annotations
 
