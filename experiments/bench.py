@@ -199,6 +199,11 @@ def scale_check(root: Path, n=33126, size=256, batches=200, batch_size=128) -> s
 CASES = {
     "cpu18": ("resnet18 64px cpu", dict(backbone="resnet18", img_size=64, batch_size=32, eval_batch_size=128),
               "cpu", 400, 256, 8),
+    # timm trunks beside resnet18 at the CPU profile's size (docs/results.md, "Other trunks")
+    "cpu-efficientnet_b0": ("efficientnet_b0 64px cpu", dict(backbone="efficientnet_b0", img_size=64, batch_size=32,
+                                                             eval_batch_size=128), "cpu", 400, 256, 8),
+    "cpu-convnext_atto": ("convnext_atto 64px cpu", dict(backbone="convnext_atto", img_size=64, batch_size=32,
+                                                         eval_batch_size=128), "cpu", 400, 256, 8),
     "cpu50": ("resnet50 128px cpu", dict(backbone="resnet50", img_size=128, batch_size=32, eval_batch_size=64),
               "cpu", 200, 256, 6),
     "cuda50": ("resnet50 256px cuda", dict(backbone="resnet50", img_size=256), "cuda", 3000, 96, 20),
