@@ -265,7 +265,6 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None,
                     reason="no headless Chromium installed (chromium, chromium-browser, google-chrome)")
-@pytest.mark.slow
 def test_headless_chromium_draws_the_scalars_page(server, tmp_path):
     url, _ = server
     wait_for(lambda: get(f"{url}/data/plugin/scalars/tags"))
