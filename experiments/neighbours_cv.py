@@ -5,8 +5,8 @@ cross-validation: the setting changes only where the nearest training lesions ar
         --neighbours-by embedding --cv-out runs/cv-neighbours
     python -m experiments.neighbours_cv --cv-out runs/cv-neighbours
 
-Each fold's run (foldK/joint, evaluated by embedding) is copied to foldK/look, whose val and test splits predict.py
-evaluates again by look; the table pairs the two on every fold (docs/similarity.md).
+Each fold's run (foldK/joint, evaluated by embedding) is copied to foldK/look, whose val and test splits are evaluated
+again by look, as `predict.py --run` does; the table pairs the two on every fold (docs/similarity.md).
 """
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-import predict
+from dataset import prepare_data
 from experiments.crossval import RETRIEVAL, retrieval_values
+from isic.tabular import with_metadata
+from scoring.inference import load_run
 from utils import UserError, cli_main, write_csv, write_text
+from workflow.evaluation import LoadedRun, evaluate_run
 
 BY = {"embedding": "joint", "look": "look"}  # neighbours by → the fold's run folder
 COLUMNS = ["auroc", "pauc", *RETRIEVAL]
@@ -36,9 +40,9 @@ def evaluated_by_look(run: Path, copy: Path) -> None:
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("tb"))
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, "neighbours_by": "look"}, indent=2))
-    for split in ("val", "test"):
-        if predict.main(["--run", str(copy), "--split", split, "--workers", "0"]) != 0:
-            raise UserError(f"predict.py could not evaluate {copy} ({split})")
+    s, model = load_run(copy, torch.device("cpu"))  # what predict.py --run COPY --split test does
+    evaluate_run(LoadedRun(copy, s, model, torch.device("cpu"), s.tta),
+                 with_metadata(prepare_data(s, splits_path=copy / "splits.csv"), s, copy))
 
 
 def fold_rows(fold_dir: Path) -> list[dict]:
