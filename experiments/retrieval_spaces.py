@@ -1,11 +1,12 @@
 """Which space should the nearest training lesions come from? Every candidate is read off one finished run's network
-(no retraining), for its val and test splits against its training split, plain view:
+(no retraining), for its val and test splits against its training split, plain and with TTA (docs/similarity.md):
 
-    python -m experiments.retrieval_spaces --runs runs/cv/fold*/joint --out runs/retrieval-spaces.csv
+    python -m experiments.retrieval_spaces --runs runs/cv/fold1/joint --out runs/retrieval-spaces.csv
 
-Candidates: the class embedding (what the classifier and kNN use), the trunk's pooled features, each trunk stage's
-channel means (and standard deviations: the statistics style transfer matches), and the class embedding beside them.
-Each block is L2-normalised and the blocks share equal weight. None uses the visual-agreement metric's own features.
+Candidates: the class embedding (what the classifier and kNN use), the trunk's pooled features, the channel means and
+standard deviations of some of the trunk's stages (the statistics style transfer matches), the class embedding beside
+them, and the class embedding's nearest re-ordered by them. Each block is L2-normalised; blocks share equal weight.
+None uses the visual-agreement metric's own features.
 """
 from __future__ import annotations
 
