@@ -19,7 +19,7 @@ PROFILES = {
     # Runs anywhere in a few minutes on generated data (driver.py --demo).
     "demo": dict(backbone="resnet18", img_size=64, epochs=6, batch_size=32, lr=1e-3, workers=0, warmup_epochs=0.5,
                  ema=0.0),  # 140 steps in all: too few for a moving average to settle
-    # Small enough for a 2-core CPU on the 740-image sample (about 20 minutes on a 2-core AMD EPYC).
+    # Small enough for a 2-core CPU on the 740-image sample (about 13 minutes on a 2-core AMD EPYC).
     # Chosen by 5-fold patient-grouped cross-validation (README, "Learning on a CPU").
     "cpu": dict(backbone="resnet18", img_size=64, epochs=120, batch_size=32, lr=1e-3, workers=0, warmup_epochs=0.5,
                 ema=0.997, tta=True, select_metric="last"),  # ~120 val images pick epochs by noise
