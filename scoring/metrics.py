@@ -83,7 +83,8 @@ def roc_areas(y, p, weights, max_fpr: float = 1.0) -> np.ndarray:
     tp = np.cumsum(w * y, axis=1)[:, last]
     fp = np.cumsum(w * (1 - y), axis=1)[:, last]
     zero = np.zeros((len(w), 1))
-    tpr, fpr = np.hstack([zero, tp / tp[:, -1:]]), np.hstack([zero, fp / fp[:, -1:]])
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample without one of the classes has no curve: NaN
+        tpr, fpr = np.hstack([zero, tp / tp[:, -1:]]), np.hstack([zero, fp / fp[:, -1:]])
     x0, x1 = np.minimum(fpr[:, :-1], max_fpr), np.minimum(fpr[:, 1:], max_fpr)
     dx = np.diff(fpr, axis=1)
     slope = np.diff(tpr, axis=1) / np.where(dx > 0, dx, 1.0)
@@ -154,8 +155,13 @@ def bootstrap_ci(y, scores: dict, groups=None, resamples: int = 1000, seed: int 
             values[name]["auroc"].append(roc_areas(y, p, w))
             values[name]["pauc"].append(roc_areas(1 - y, -np.asarray(p, dtype=float), w, max_fpr=0.2))
     tail = 100 * (1 - level) / 2
-    return {name: {metric: [float(v) for v in np.percentile(np.concatenate(v), [tail, 100 - tail])]
-                   for metric, v in by_metric.items()} for name, by_metric in values.items()}
+
+    def interval(areas: np.ndarray) -> list[float]:
+        # Resamples left without an image of a class (possible when a patient has both) have no area: left out.
+        areas = areas[np.isfinite(areas)]
+        return [float(v) for v in np.percentile(areas, [tail, 100 - tail])] if len(areas) else [float("nan")] * 2
+    return {name: {metric: interval(np.concatenate(v)) for metric, v in by_metric.items()}
+            for name, by_metric in values.items()}
 
 
 # ---------------------------------------------------------------- calibration

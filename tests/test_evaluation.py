@@ -44,6 +44,19 @@ def test_bootstrap_keeps_classes_and_patients_together():
     assert (w[:, [0, 6]].sum(1) == 2).all()  # stratified: the two malignant units are always drawn twice in all
 
 
+def test_bootstrap_ci_leaves_out_resamples_that_lost_a_class(recwarn):
+    """Every benign image belongs to a patient who also has a melanoma: a resample that draws only the patients with
+    melanomas alone has no benign image and no ROC curve. The interval comes from the other resamples."""
+    y = np.array([1, 0, 1, 1, 1])
+    p = np.array([0.9, 0.2, 0.8, 0.4, 0.6])
+    patients = np.array(["a", "a", "b", "c", "d"])
+    w = bootstrap_weights(y, patients, 200, np.random.default_rng(0))
+    assert ((w @ (1 - y)) == 0).any()  # some resamples lost the benign class
+    ci = bootstrap_ci(y, {"s": p}, patients, resamples=200)["s"]
+    assert all(np.isfinite(ci["auroc"])) and ci["auroc"][0] <= auroc(y, p) <= ci["auroc"][1], ci
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_bootstrap_ci_contains_the_estimate_and_narrows_with_more_data():
     widths = []
     for n in (100, 2000):
