@@ -128,7 +128,7 @@ def test_balanced_batches_and_epoch_length(tiny_data, tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loaders_leave_the_global_torch_stream_alone(tiny_data, tmp_path, workers):
     """A persistent training loader drew its workers' seed in its first epoch only, from the global stream: that draw
-    shifted the first epoch after a --resume against the uninterrupted run's (issue #13)."""
+    shifted the first epoch after a --resume against the uninterrupted run's."""
     s = settings(tiny_data, tmp_path)
     s.workers = workers
     data = prepare_data(s)

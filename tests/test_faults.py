@@ -187,7 +187,7 @@ def test_resumed_run_matches_uninterrupted_run(reference, resumed):
 @pytest.mark.slow
 def test_resumed_run_with_loader_workers_matches_uninterrupted_run(runs):
     """Persistent workers once drew their seed from the global stream in the first epoch of each process only: the
-    replayed epoch after a resume then differed from the uninterrupted run's (issue #13)."""
+    replayed epoch after a resume then differed from the uninterrupted run's."""
     out, child = runs["resumed with workers"]
     result = finish(child, check=0)
     assert "workers: 2" in result.stdout and "resuming at epoch 2 of 3" in result.stdout
