@@ -162,14 +162,17 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
 LOOK_STAGES = 3  # the trunk's deepest stages whose statistics describe a lesion's look (docs/similarity.md)
 
 
-def look_stages(trunk: nn.Module) -> list[nn.Module]:
-    """The trunk's LOOK_STAGES deepest stages: a torchvision ResNet's layer2-4, else the last modules that timm's
-    feature_info names (stages of a convnet, blocks of a transformer)."""
+def trunk_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk's stages, shallow to deep: a torchvision ResNet's layer1-4, else the modules that timm's feature_info
+    names (stages of a convnet, blocks of a transformer)."""
     if isinstance(trunk, models.ResNet):
-        stages = [trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
-    else:
-        stages = [trunk.get_submodule(info["module"]) for info in trunk.feature_info]
-    return stages[-LOOK_STAGES:]
+        return [trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
+    return [trunk.get_submodule(info["module"]) for info in trunk.feature_info]
+
+
+def look_stages(trunk: nn.Module) -> list[nn.Module]:
+    """The trunk's LOOK_STAGES deepest stages (a ResNet's layer2-4)."""
+    return trunk_stages(trunk)[-LOOK_STAGES:]
 
 
 def stage_statistics(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

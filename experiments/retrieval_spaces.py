@@ -21,6 +21,7 @@ import torch
 from dataset import image_loader, prepare_data
 from engine.augment import to_float
 from isic.tabular import with_metadata
+from modules import trunk_stages
 from scoring.inference import load_run
 from scoring.references import train_references
 from scoring.retrieval import retrieval_metrics
@@ -28,19 +29,12 @@ from scoring.visual_similarity import dataset_features, retrieval_quality
 from utils import write_csv
 
 
-def stage_modules(trunk) -> list:
-    """The trunk's stages: torchvision ResNet's layer1-4, else the modules timm's feature_info names."""
-    if hasattr(trunk, "layer4"):
-        return [trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4]
-    return [trunk.get_submodule(info["module"]) for info in trunk.feature_info]
-
-
 @torch.inference_mode()
 def network_features(model, dataset, s, tta: bool) -> dict:
     """Per image: the class embedding, the trunk's pooled output, and every stage's channel means and stds; with
     tta, each the mean over the 8 flips and quarter turns (as DihedralTTA averages the embedding)."""
     captured = {}
-    stages = stage_modules(model.trunk)
+    stages = trunk_stages(model.trunk)
     hooks = [m.register_forward_hook(lambda _, __, out, i=i: captured.__setitem__(i, out))
              for i, m in enumerate(stages)]
     hooks.append(model.trunk.register_forward_hook(lambda _, __, out: captured.__setitem__("pooled", out)))
